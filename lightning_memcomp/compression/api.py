@@ -1,0 +1,86 @@
+"""``compress_activations``: the functional entry point of activation compression."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, SavedTensorEngine
+from lightning_memcomp.compression.registry import make_codec
+from lightning_memcomp.surgery import ModuleSelection, module_filter
+
+# What is compressed by default: the layers that save large activations in a CNN.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.Linear,
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+
+def default_selection(module: nn.Module, name: str) -> bool:
+    return isinstance(module, DEFAULT_TYPES)
+
+
+def compress_activations(
+    model: nn.Module,
+    codec: str | Codec = "quant",
+    bits: int | None = None,
+    modules: ModuleSelection = None,
+    *,
+    min_bytes: int = DEFAULT_MIN_BYTES,
+    **options: Any,
+) -> SavedTensorEngine:
+    """Compress what autograd saves for backward inside the ``with`` block; the forward stays exact.
+
+    Args:
+        model: the network; its parameters and buffers are never encoded.
+        codec: ``"quant"`` (k-bit, default), ``"blpa"``, ``"wavelet"``, ``"dct"``, ``"threshold"``,
+            ``"identity"``, or a :class:`~lightning_memcomp.Codec` instance.
+        bits: bit width for ``quant``/``blpa`` (1, 2, 4 or 8; the codec's default is 4).
+        modules: which modules' saved tensors to compress (see :mod:`lightning_memcomp.surgery`);
+            default: convolutions, linear layers, normalizations, activations, dropout and pooling.
+        min_bytes: smaller tensors are kept as they are.
+        **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
+
+    Returns the engine; entering it returns the :class:`~lightning_memcomp.Ledger`::
+
+        with compress_activations(model, codec="quant", bits=4) as ledger:
+            loss = criterion(model(x), y)
+        loss.backward()
+    """
+    if bits is not None:
+        options["bits"] = bits
+    codec_obj = make_codec(codec, **options)
+    select = module_filter(modules, default_selection)
+    matched = [name for name, m in model.named_modules() if select(m, name)]
+    if not matched:
+        warnings.warn(
+            f"compress_activations: modules={modules!r} matched no module of {type(model).__name__}; "
+            "nothing will be compressed",
+            stacklevel=2,
+        )
+    chosen = set(matched)
+    return SavedTensorEngine(
+        model, lambda name, module: codec_obj if name in chosen else None, min_bytes=min_bytes
+    )

@@ -1,0 +1,1 @@
+"""Recipe LightningModules, DataModules and configs for the ``memcomp`` command."""
