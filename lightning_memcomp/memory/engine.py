@@ -224,7 +224,7 @@ class SavedTensorEngine:
             return tensor
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self._param_ptrs:
+        if ptr in self._param_ptrs or self._is_parameter_cast(tensor):
             self.ledger.parameter_saves += 1
             return tensor
         ctx, codec = self._scope()
@@ -249,6 +249,21 @@ class SavedTensorEngine:
             self._cache = {k: v for k, v in self._cache.items() if not v[0].expired()}
         self._cache[key] = (StorageWeakRef(storage), packed, codec)
         return packed
+
+    def _is_parameter_cast(self, tensor: Tensor) -> bool:
+        """A parameter cast by autocast (``ToCopyBackward0`` straight from a parameter's AccumulateGrad).
+
+        Such a copy is a weight, not an activation: encoding it would perturb every gradient that
+        flows through the layer, and autocast's cast cache holds it anyway.
+        """
+        fn = tensor.grad_fn
+        if fn is None or fn.name() != "ToCopyBackward0":
+            return False
+        for next_fn, _ in fn.next_functions:
+            variable = getattr(next_fn, "variable", None)
+            if variable is not None and variable.untyped_storage().data_ptr() in self._param_ptrs:
+                return True
+        return False
 
     @staticmethod
     def _unpack(packed: Any) -> Tensor:

@@ -1,0 +1,134 @@
+"""``ActivationCompression``: compress what the training forward pass saves for backward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_memcomp.compression.api import compress_activations
+from lightning_memcomp.compression.registry import make_codec
+from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine
+from lightning_memcomp.memory.ledger import MiB, Ledger
+from lightning_memcomp.surgery import ModuleSelection
+
+__all__ = ["ActivationCompression", "refuse_compiled"]
+
+
+def refuse_compiled(pl_module: pl.LightningModule, who: str) -> None:
+    """Saved-tensor hooks and module hooks do not survive ``torch.compile``: refuse rather than do nothing."""
+    if getattr(pl_module, "_compiler_ctx", None) is not None:
+        raise RuntimeError(
+            f"{who} cannot compress a torch.compile'd model: compiled graphs save tensors inside fused "
+            "kernels that saved_tensors_hooks and module hooks do not see, so nothing would be compressed. "
+            "Pass the uncompiled LightningModule (compression replaces what compile would save)."
+        )
+
+
+class ActivationCompression(Callback):
+    """Encode the tensors the training forward pass saves for backward; the forward stays exact.
+
+    Active only between ``on_train_batch_start`` and ``on_before_backward`` (never in validation, test
+    or predict), and closed on exceptions. Works under DDP and mixed precision (autocast copies of
+    weights are recognised as parameters and never encoded).
+
+    Args:
+        codec: ``"quant"`` (default), ``"blpa"``, ``"wavelet"``, ``"dct"``, ``"threshold"`` or
+            ``"identity"``; see :func:`lightning_memcomp.compress_activations`.
+        bits: bit width for ``quant``/``blpa`` (1, 2, 4 or 8).
+        modules: which modules' saved tensors to compress (class names, qualified-name globs, or a
+            callable ``(module, name) -> bool``); default: conv, linear, norm, activation, pooling.
+        min_bytes: tensors smaller than this are kept as they are.
+        log_every_n_steps: how often to log ``memory/held_raw_mib`` and ``memory/held_stored_mib``
+            when no :class:`~lightning_memcomp.MemoryMonitor` is present (which then logs them).
+        **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
+
+    Raises:
+        ValueError: unknown codec, or an option the codec does not allow (checked at construction).
+        RuntimeError: the LightningModule was compiled with ``torch.compile``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ActivationCompression(codec="quant", bits=4), MemoryMonitor()])
+    """
+
+    def __init__(
+        self,
+        codec: str = "quant",
+        bits: int | None = None,
+        modules: ModuleSelection = None,
+        min_bytes: int = DEFAULT_MIN_BYTES,
+        log_every_n_steps: int = 50,
+        **options: Any,
+    ) -> None:
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be a positive integer")
+        if bits is not None:
+            options["bits"] = bits
+        make_codec(codec, **options)  # fail early on bad names/options
+        self.codec = codec
+        self.modules = modules
+        self.min_bytes = min_bytes
+        self.options = options
+        self.log_every_n_steps = log_every_n_steps
+        self._engine: SavedTensorEngine | None = None
+        self._monitor_present = False
+
+    @property
+    def memcomp_ledger(self) -> Ledger | None:
+        """The ledger of the last training forward pass (read by ``MemoryMonitor``)."""
+        return self._engine.ledger if self._engine is not None else None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_compiled(pl_module, type(self).__name__)
+        if self._engine is None or self._engine.model is not pl_module:
+            self._engine = compress_activations(
+                pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes, **self.options
+            )
+            rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}")
+        self._monitor_present = any(
+            type(cb).__name__ == "MemoryMonitor" for cb in trainer.callbacks  # type: ignore[attr-defined]
+        )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._engine is not None and not self._engine.active:
+            self._engine.start()
+
+    def _close(self) -> None:
+        if self._engine is not None and self._engine.active:
+            self._engine.stop()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        self._close()
+        ledger = self.memcomp_ledger
+        if ledger is None or self._monitor_present or trainer.global_step % self.log_every_n_steps:
+            return
+        metrics = {
+            "memory/held_raw_mib": ledger.raw_bytes / MiB,
+            "memory/held_stored_mib": ledger.stored_bytes / MiB,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # a training_step that returned None never reaches on_before_backward
+        self._close()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"codec": self.codec, "options": dict(self.options)}
