@@ -2,7 +2,8 @@
 
 Built on :class:`torch.autograd.graph.saved_tensors_hooks`. During the forward pass each saved tensor is
 handed to the pack hook; the engine attributes it to the innermost module that was running, skips
-parameters and buffers (by storage identity, never by value), stores each storage once per codec, and
+parameters and buffers (by storage identity, never by value), stores each storage once (with the codec
+of the module that saved it first), and
 asks the codec chosen for that module to encode it. Backward calls the unpack hook, which decodes.
 The forward pass itself is never changed.
 
@@ -234,8 +235,10 @@ class SavedTensorEngine:
         passthrough = raw < self.min_bytes or not codec.accepts(tensor, ctx)
         if passthrough:
             codec = self._identity
+        # one pack per storage: a later save of the same storage (the next conv saving a ReLU output)
+        # reuses the first pack, whatever codec that later module has, so the original is never kept
         key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
-               tensor._version, id(codec))
+               tensor._version)
         cached = self._cache.get(key)
         if cached is not None and not cached[0].expired():
             self.ledger.shared_saves += 1

@@ -1,0 +1,182 @@
+"""MemoryMonitor inside real Trainer.fit runs: TensorBoard events, CSV, figure, DDP rank 0."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_memcomp import MemoryMonitor
+from lightning_memcomp.memory.monitor import KEYS
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _loader(n: int = 48, batch: int = 8) -> torch.utils.data.DataLoader:
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 1, 16, 16), torch.randint(0, 10, (n,)))
+    return torch.utils.data.DataLoader(ds, batch_size=batch)
+
+
+def _fit(tmp_path: Path, monitor: MemoryMonitor, epochs: int = 1) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[monitor],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu", devices=1,
+    )
+    trainer.fit(TinyModule(), _loader())
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[pl.Trainer, MemoryMonitor]:
+    monitor = MemoryMonitor(every_n_steps=2)
+    return _fit(tmp_path_factory.mktemp("mm"), monitor), monitor
+
+
+def _events(trainer: pl.Trainer) -> EventAccumulator:
+    acc = EventAccumulator(trainer.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_scalars_are_written_on_the_cadence(fitted) -> None:
+    trainer, _ = fitted
+    acc = _events(trainer)
+    expected = {"memory/held_raw_mib", "memory/held_stored_mib", "memory/held_ratio", "memory/rss_mib",
+                "memory/rss_forward_delta_mib"}
+    assert expected <= set(acc.Tags()["scalars"])
+    assert set(acc.Tags()["scalars"]) <= set(KEYS)
+    assert [e.step for e in acc.Scalars("memory/held_raw_mib")] == [0, 2, 4]
+
+
+def test_held_bytes_match_the_model(fitted) -> None:
+    trainer, _ = fitted
+    acc = _events(trainer)
+    # conv output (BN input) and ReLU output: 8x8x16x16 fp32 each; the pool output 8x8x4x4; min_bytes 4096
+    expected = (2 * 8 * 8 * 16 * 16 * 4 + 8 * 8 * 4 * 4 * 4) / 2**20
+    raw = [e.value for e in acc.Scalars("memory/held_raw_mib")]
+    stored = [e.value for e in acc.Scalars("memory/held_stored_mib")]
+    assert raw == stored
+    # plus the passthrough input (8x1x16x16 fp32, no grad) and the flatten/linear input view
+    assert expected <= raw[0] <= expected + (8 * 256 * 4 + 8 * 128 * 4) / 2**20
+
+
+def test_layout_table_and_figure_are_in_tensorboard(fitted) -> None:
+    trainer, _ = fitted
+    tags = _events(trainer).Tags()
+    assert "custom_scalars__config__" in tags["tensors"]
+    assert "memory/held_by_module/text_summary" in tags["tensors"]
+    assert "memory/curves" in tags["images"]
+
+
+def test_csv_figure_and_table_files(fitted) -> None:
+    trainer, monitor = fitted
+    log_dir = Path(trainer.log_dir)
+    with open(log_dir / "memory_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [0, 2, 4]
+    assert float(rows[0]["memory/held_raw_mib"]) == pytest.approx(monitor.history[0]["memory/held_raw_mib"])
+    png = (log_dir / "memory_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (log_dir / "memory_by_module.md").read_text()
+    assert "| net.1 |" in table and "**total**" in table
+
+
+def test_monitor_reads_an_activation_compression_ledger(tmp_path) -> None:
+    from lightning_memcomp import ActivationCompression
+
+    monitor = MemoryMonitor()
+    trainer = pl.Trainer(
+        max_steps=2, logger=TensorBoardLogger(tmp_path), callbacks=[ActivationCompression(codec="identity"), monitor],
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, accelerator="cpu",
+    )
+    trainer.fit(TinyModule(), _loader())
+    assert monitor._engine is None  # it did not install a second engine
+    assert monitor.history[0]["memory/held_raw_mib"] > 0
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        MemoryMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="snapshot_steps"):
+        MemoryMonitor(snapshot_steps=(5, 2))
+
+
+def test_snapshot_options_warn_on_cpu(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="no snapshot will be written"):
+        _fit(tmp_path, MemoryMonitor(snapshot_steps=(0, 2)))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    sys.path.insert(0, {tests!r})
+    from test_memory_monitor import TinyModule, _loader
+    from lightning_memcomp import MemoryMonitor
+
+    class RankSized(TinyModule):
+        # rank r trains on (r + 1) * 4 samples per step, so the ranks hold different amounts
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            n = 4 * (self.global_rank + 1)
+            loss = torch.nn.functional.cross_entropy(self.net(x[:n]), y[:n])
+            return loss
+
+    class Record(pl.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            ledger = monitor._ledger()
+            with open(f"{{out}}/rank{{trainer.global_rank}}.json", "a") as f:
+                f.write(json.dumps(ledger.raw_bytes / 2**20) + "\\n")
+
+    out = sys.argv[1]
+    monitor = MemoryMonitor()
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp",
+                         logger=TensorBoardLogger(out, name="tb"), callbacks=[monitor, Record()],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(RankSized(), _loader(n=64, batch=8))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_only_rank0_writes_the_max(tmp_path) -> None:
+    script = tmp_path / "ddp_monitor.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=300)
+    versions = list((tmp_path / "tb").iterdir())
+    assert len(versions) == 1
+    events = list(versions[0].glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    with open(versions[0] / "memory_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    per_rank = [[json.loads(line) for line in (tmp_path / f"rank{r}.json").read_text().splitlines()] for r in (0, 1)]
+    assert per_rank[1][0] > per_rank[0][0]
+    for row, r0, r1 in zip(rows, *per_rank):
+        assert float(row["memory/held_raw_mib"]) == pytest.approx(max(r0, r1))
