@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: the workers already fill the cores
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
