@@ -180,3 +180,41 @@ def test_ddp_two_processes_only_rank0_writes_the_max(tmp_path) -> None:
     assert per_rank[1][0] > per_rank[0][0]
     for row, r0, r1 in zip(rows, *per_rank):
         assert float(row["memory/held_raw_mib"]) == pytest.approx(max(r0, r1))
+
+
+@pytest.mark.gpu
+def test_cuda_keys_and_snapshot_window_on_gpu(tmp_path) -> None:
+    monitor = MemoryMonitor(snapshot_steps=(1, 3))
+    trainer = pl.Trainer(max_steps=4, accelerator="gpu", devices=1, logger=TensorBoardLogger(tmp_path),
+                         callbacks=[monitor], enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(TinyModule(), _loader())
+    row = monitor.history[0]
+    cuda_keys = {"memory/alloc_before_forward_mib", "memory/alloc_after_forward_mib", "memory/forward_delta_mib",
+                 "memory/alloc_after_backward_mib", "memory/alloc_after_step_mib", "memory/peak_mib",
+                 "memory/reserved_mib", "memory/reserved_unused_mib", "memory/alloc_retries", "memory/oom_count"}
+    assert cuda_keys <= set(row)
+    assert row["memory/forward_delta_mib"] > 0
+    assert row["memory/peak_mib"] >= row["memory/alloc_after_forward_mib"]
+    assert row["memory/reserved_mib"] >= row["memory/alloc_after_step_mib"]
+    snapshot = Path(trainer.log_dir) / "memory_snapshot_1_3.pickle"
+    assert snapshot.stat().st_size > 0
+    import pickle
+
+    with open(snapshot, "rb") as f:
+        assert "segments" in pickle.load(f)
+
+
+@pytest.mark.gpu
+def test_oom_snapshot_is_written_on_gpu(tmp_path) -> None:
+    class Hog(TinyModule):
+        def training_step(self, batch, batch_idx):
+            free, _ = torch.cuda.mem_get_info()
+            torch.empty(int(free * 2), dtype=torch.uint8, device=self.device)  # cannot fit
+            return super().training_step(batch, batch_idx)
+
+    monitor = MemoryMonitor(snapshot_on_oom=True)
+    trainer = pl.Trainer(max_steps=2, accelerator="gpu", devices=1, logger=TensorBoardLogger(tmp_path),
+                         callbacks=[monitor], enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(torch.cuda.OutOfMemoryError), pytest.warns(UserWarning, match="allocator history"):
+        trainer.fit(Hog(), _loader())
+    assert (Path(trainer.log_dir) / "oom_snapshot.pickle").stat().st_size > 0
