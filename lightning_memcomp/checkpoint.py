@@ -21,6 +21,7 @@ __all__ = [
     "CONVERTERS",
     "ConversionCheckpointMixin",
     "conversions_of",
+    "forget_conversion",
     "record_conversion",
     "restore_conversions",
 ]
@@ -52,6 +53,13 @@ def record_conversion(model: nn.Module, technique: str, options: Mapping[str, An
     spec = {"technique": technique, "options": dict(options)}
     if spec not in specs:
         specs.append(spec)
+
+
+def forget_conversion(model: nn.Module, technique: str) -> None:
+    """Drop the recorded specs of ``technique`` (an export that undid the conversion calls this)."""
+    specs = model.__dict__.get(_ATTR)
+    if specs:
+        specs[:] = [s for s in specs if s.get("technique") != technique]
 
 
 def restore_conversions(model: nn.Module, source: Mapping[str, Any] | list[dict[str, Any]]) -> list[Any]:
