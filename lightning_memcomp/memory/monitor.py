@@ -79,7 +79,9 @@ class MemoryMonitor(Callback):
         snapshot_on_oom: record the CUDA memory history from the start of training and dump
             ``oom_snapshot.pickle`` when a CUDA out-of-memory error ends the fit.
         snapshot_max_entries: allocation events kept in the recorded history.
-        write_files: write the CSV, the figure and the module table into the log directory.
+        write_files: write the CSV, the figure and the module table into the log directory (only when
+            the trainer has a logger: with ``logger=False`` or ``fast_dev_run`` the series stay in
+            :attr:`history`).
 
     Raises:
         ValueError: non-positive ``every_n_steps``, or a ``snapshot_steps`` window that is not
@@ -275,12 +277,16 @@ class MemoryMonitor(Callback):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def _writes_files(self, trainer: pl.Trainer) -> bool:
+        # like Lightning's own outputs: nothing is written without a logger (logger=False, fast_dev_run)
+        return self.write_files and bool(trainer.loggers)
+
     def _write_table(self, trainer: pl.Trainer, ledger: Ledger) -> None:
         table = ledger.table(top=self.module_table_rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("memory/held_by_module", table, global_step=trainer.global_step)
-        if self.write_files:
+        if self._writes_files(trainer):
             (self._log_dir(trainer) / "memory_by_module.md").write_text(table + "\n")
         self._table_written = True
 
@@ -289,9 +295,8 @@ class MemoryMonitor(Callback):
             return
         self._files_written = True
         columns = ["step", *sorted({k for row in self.history for k in row} - {"step"})]
-        log_dir = self._log_dir(trainer)
-        if self.write_files:
-            with open(log_dir / "memory_log.csv", "w", newline="") as f:
+        if self._writes_files(trainer):
+            with open(self._log_dir(trainer) / "memory_log.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 for row in self.history:
@@ -303,8 +308,8 @@ class MemoryMonitor(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("memory/curves", figure, global_step=trainer.global_step, close=False)
                 logger.experiment.flush()
-        if self.write_files:
-            figure.savefig(log_dir / "memory_curves.png", dpi=100)
+        if self._writes_files(trainer):
+            figure.savefig(self._log_dir(trainer) / "memory_curves.png", dpi=100)
         import matplotlib.pyplot as plt
 
         plt.close(figure)
