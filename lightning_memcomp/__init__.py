@@ -18,6 +18,7 @@ from typing import Any
 from lightning_memcomp.memory.engine import Codec, SavedTensorEngine, track_saved_tensors
 from lightning_memcomp.memory.ledger import Ledger, ModuleMemory
 from lightning_memcomp.surgery import ConversionReport
+from lightning_memcomp import strategies as _strategies  # noqa: F401  registers "memcomp", "ddp_memcomp"
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ _LAZY = {
     "slice_generate": "lightning_memcomp.csg",
     "fold_slices": "lightning_memcomp.csg",
     "ConvSliceGeneration": "lightning_memcomp.csg",
+    "MemCompSingleDeviceStrategy": "lightning_memcomp.strategies",
+    "DDPMemCompStrategy": "lightning_memcomp.strategies",
 }
 
 __all__ = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, SavedTensorEngine
@@ -69,6 +70,12 @@ def compress_activations(
             loss = criterion(model(x), y)
         loss.backward()
     """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiler_ctx", None):
+        raise TypeError(
+            "compress_activations: a torch.compile'd model is not supported — compiled graphs save tensors "
+            "inside fused kernels that saved_tensors_hooks and module hooks do not see, so nothing would be "
+            "compressed. Pass the uncompiled module."
+        )
     if bits is not None:
         options["bits"] = bits
     codec_obj = make_codec(codec, **options)

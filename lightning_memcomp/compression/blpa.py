@@ -1,0 +1,216 @@
+"""``blpa``: the quantizer of "Backprop with Approximate Activations" (Chakrabarti & Moseley, NeurIPS 2019).
+
+The paper (Sec. 3.2) keeps, for backward, each layer's input quantized per channel into ``n = 2**bits``
+bins of width ``delta = window * sigma / n`` -- a window of about ``window = 6`` batch standard deviations
+-- with the bin edges placed so that the threshold of the ReLU that follows falls exactly on a bin
+boundary: the ReLU mask recovered in backward is then exact. Values are floored into their bin and
+reconstructed at the bin centre. Here, per channel ``c`` with batch mean ``mu`` and std ``sigma``:
+
+* ``t`` is the threshold: ``0`` for a ReLU/LeakyReLU's saved tensor; for a batch norm's input
+  ``mu - (beta / gamma) * sqrt(var + eps)`` (where ``gamma * x_hat + beta`` crosses zero, the following
+  ReLU's threshold); otherwise the channel mean (a plain centred window);
+* ``s`` bins lie below ``t``: ``round((t - mu) / delta + n / 2)``, i.e. the window is centred on the
+  mean, **clamped to** ``[1, n - 1]``. The original computes ``max(1, n/2 - floor(bias * n / 6))``
+  without the upper clamp: when ``beta / gamma`` is very negative every value lands below the
+  threshold's bin and the recovered mask is all zero, silently killing the gradients. With the clamp
+  values above ``t`` always get a code ``>= s`` (see ``tests/test_blpa_codec.py``);
+* a ReLU's saved output is non-negative and every value below ``t = 0`` is exactly zero, so one bin
+  below the threshold suffices there (``s = 1``) and the decoded value is passed through the ReLU;
+* code ``k = ceil((x - t) / delta) - 1 + s`` clamped to ``[0, n - 1]`` (bins are ``(edge, edge + delta]``,
+  so ``x == t`` stays below the threshold, as ``relu`` has it), decoded as ``t + (k - s + 1/2) * delta``.
+
+Codes are bit-packed (two 4-bit codes per byte, as in the paper). Max-pool indices, dropout masks and
+the pass mask of ReLU6/Hardtanh stay exact as in the ``quant`` codec; normalization statistics and
+other 0-/1-D tensors are never taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_memcomp.compression.bitpack import (
+    BitMask,
+    check_bits,
+    decode_routing,
+    encode_routing,
+    from_memory_order,
+    is_routing_tensor,
+    memory_order,
+    pack_bits,
+    pack_mask,
+    unpack_bits,
+    unpack_mask,
+)
+from lightning_memcomp.compression.quant import _HARDTANH_TYPES, _apply_mask
+from lightning_memcomp.memory.engine import Codec, SaveContext
+
+__all__ = ["BLPACodec", "BLPAPayload", "blpa_dequantize", "blpa_quantize"]
+
+# saved tensors whose backward reads the sign only (ReLU output, LeakyReLU/PReLU/ELU input or output)
+_RELU_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU,)
+_SIGN_TYPES: tuple[type[nn.Module], ...] = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn.RReLU)
+
+
+@dataclass
+class BLPAPayload:
+    """Per-channel BLPA codes: packed bins plus the threshold, bin width and bins below it per channel."""
+
+    codes: Tensor  # uint8, flat, bins packed 8 / bits per byte
+    threshold: Tensor  # float32 [C]
+    delta: Tensor  # float32 [C]
+    shift: Tensor  # uint8 [C]
+    bits: int
+    numel: int
+    shape: tuple[int, ...]
+    order: tuple[int, ...] | None
+    dtype: torch.dtype
+    relu: bool
+    mask: BitMask | None = None
+    mask_bounds: tuple[float, float] | None = None
+
+
+def _channel_view(v: Tensor, dim: int) -> Tensor:
+    return v.view(1, -1, *([1] * (dim - 2)))
+
+
+def blpa_quantize(
+    x: Tensor, bits: int, threshold: Tensor | None, window: float = 6.0, relu: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BLPA bins of ``x`` (``[N, C, ...]``) per channel: (codes uint8 like ``x``, threshold, delta, shift).
+
+    ``threshold`` (``[C]``, the following ReLU's threshold) defaults to the channel mean; ``relu`` marks
+    a ReLU's non-negative output (one bin below the threshold).
+    """
+    n = 1 << bits
+    xf = x.float()
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mu = torch.var_mean(xf, dim=dims, correction=0)
+    sigma = var.sqrt()
+    delta = window * sigma / n
+    delta = torch.where(delta > 0, delta, torch.ones_like(delta))
+    t = mu.clone() if threshold is None else threshold.float()
+    if relu:
+        shift = torch.ones_like(mu)
+    else:
+        # the window is centred on the mean; the clamp keeps at least one bin on each side of t
+        shift = torch.round((t - mu) / delta + n / 2).clamp(1, n - 1)
+    view = x.dim()
+    k = torch.ceil((xf - _channel_view(t, view)) / _channel_view(delta, view)) - 1 + _channel_view(shift, view)
+    codes = k.clamp_(0, n - 1).to(torch.uint8)
+    return codes, t, delta, shift.to(torch.uint8)
+
+
+def blpa_dequantize(
+    codes: Tensor, threshold: Tensor, delta: Tensor, shift: Tensor, relu: bool, dtype: torch.dtype
+) -> Tensor:
+    """Bin centres ``t + (k - s + 1/2) * delta``, passed through the ReLU for a ReLU's output."""
+    view = codes.dim()
+    k = codes.float() - _channel_view(shift.float(), view) + 0.5
+    x = _channel_view(threshold, view) + k * _channel_view(delta, view)
+    if relu:
+        x = x.clamp_(min=0)
+        # a positive bin stays positive in a narrow dtype too (exact ReLU mask)
+        x = torch.where(k > 0, x.clamp(min=torch.finfo(dtype).tiny), x)
+    return x.to(dtype)
+
+
+def _relu_threshold(x: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor | None:
+    """Where ``gamma * (x - mu) / sqrt(var + eps) + beta`` crosses zero, per channel, from batch statistics."""
+    if not bn.affine or bn.weight is None or bn.bias is None or x.shape[1] != bn.num_features:
+        return None
+    xf = x.detach().float()
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, mu = torch.var_mean(xf, dim=dims, correction=0)
+    gamma = bn.weight.detach().float()
+    beta = bn.bias.detach().float()
+    ratio = torch.where(gamma != 0, beta / torch.where(gamma != 0, gamma, torch.ones_like(gamma)), torch.zeros_like(beta))
+    return mu - ratio * torch.sqrt(var + bn.eps)
+
+
+class BLPACodec(Codec):
+    """The BLPA quantizer: per-channel bins over a ``window``-sigma range aligned on the ReLU threshold.
+
+    Args:
+        bits: bits per stored element, 1, 2, 4 or 8 (the paper uses 4 and 8).
+        window: width of the quantization window in batch standard deviations (paper: 6).
+        exact_routing: keep max-pool indices, dropout masks and ReLU6/Hardtanh masks exact (default).
+        input_bits: bits for saved tensors that do not require grad (the network's input data);
+            ``None`` keeps them exact.
+
+    Example::
+
+        with compress_activations(model, codec="blpa", bits=4) as ledger:
+            loss = model(x).sum()
+        loss.backward()
+    """
+
+    name = "blpa"
+
+    def __init__(self, bits: int = 4, window: float = 6.0, exact_routing: bool = True,
+                 input_bits: int | None = 8) -> None:
+        self.bits = check_bits(bits)
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+            raise ValueError(f"window={window!r} is not allowed; use a positive number of standard deviations")
+        self.window = float(window)
+        self.exact_routing = bool(exact_routing)
+        self.input_bits = None if input_bits is None else check_bits(input_bits, "input_bits")
+
+    def __repr__(self) -> str:
+        return f"BLPACodec(bits={self.bits}, window={self.window}, input_bits={self.input_bits})"
+
+    def accepts(self, tensor: Tensor, ctx: SaveContext) -> bool:
+        if self.exact_routing and is_routing_tensor(tensor, ctx.module):
+            return True
+        return tensor.is_floating_point() and tensor.dim() >= 2
+
+    def encode(self, tensor: Tensor, ctx: SaveContext) -> Any:
+        module = ctx.module
+        if self.exact_routing and is_routing_tensor(tensor, module):
+            routed = encode_routing(tensor.detach())
+            if routed is not None:
+                return routed
+            if not tensor.is_floating_point():
+                return tensor
+        bits = self.bits
+        if not tensor.requires_grad:
+            if self.input_bits is None:
+                return tensor
+            bits = self.input_bits
+        x = tensor.detach()
+        relu = isinstance(module, _RELU_TYPES)
+        threshold: Tensor | None = None
+        if relu or isinstance(module, _SIGN_TYPES):
+            threshold = torch.zeros(x.shape[1], device=x.device)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            threshold = _relu_threshold(x, module)
+        mask, bounds = None, None
+        if self.exact_routing and isinstance(module, _HARDTANH_TYPES):
+            bounds = (float(module.min_val), float(module.max_val))
+            flat_x, _ = memory_order(x)
+            mask = BitMask(pack_mask((flat_x > bounds[0]) & (flat_x < bounds[1])), flat_x.numel())
+        codes, t, delta, shift = blpa_quantize(x, bits, threshold, self.window, relu=relu)
+        flat, order = memory_order(codes)
+        per = 8 // bits
+        pad = (-flat.numel()) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        packed = pack_bits(flat.view(-1, per), bits).reshape(-1)
+        return BLPAPayload(packed, t, delta, shift, bits, codes.numel(), tuple(x.shape), order, x.dtype, relu,
+                           mask, bounds)
+
+    def decode(self, payload: Any) -> Tensor:
+        if not isinstance(payload, BLPAPayload):
+            return decode_routing(payload) if not isinstance(payload, Tensor) else payload
+        flat = unpack_bits(payload.codes.view(-1, 1), payload.bits).reshape(-1)[: payload.numel]
+        codes = from_memory_order(flat, payload.shape, payload.order)
+        x = blpa_dequantize(codes, payload.threshold, payload.delta, payload.shift, payload.relu, payload.dtype)
+        if payload.mask is not None:
+            flat_x, order = memory_order(x)
+            flat_x = _apply_mask(flat_x, unpack_mask(payload.mask.bits, payload.numel), "hardtanh",
+                                 payload.mask_bounds)
+            x = from_memory_order(flat_x, payload.shape, order)
+        return x

@@ -1,0 +1,51 @@
+"""compress_activations: argument checking shared by every codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_memcomp import compress_activations
+
+
+def test_unknown_codec_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"codec='zip' is not a known codec; allowed: identity, quant"):
+        compress_activations(nn.Linear(2, 2), codec="zip")
+
+
+def test_selection_that_matches_nothing_warns() -> None:
+    with pytest.warns(UserWarning, match=r"modules='encoder\.\*' matched no module"):
+        compress_activations(nn.Sequential(nn.Linear(2, 2)), codec="identity", modules="encoder.*")
+
+
+def test_compiled_model_is_refused_with_an_explanation() -> None:
+    compiled = torch.compile(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="torch.compile'd model is not supported"):
+        compress_activations(compiled, codec="identity")
+
+
+def test_identity_options_are_refused() -> None:
+    with pytest.raises(TypeError, match="takes no options"):
+        compress_activations(nn.Linear(2, 2), codec="identity", bits=4)
+
+
+def test_only_selected_modules_are_encoded() -> None:
+    from lightning_memcomp import Codec
+
+    class Recording(Codec):
+        name = "recording"
+
+        def __init__(self) -> None:
+            self.modules: list[str] = []
+
+        def encode(self, tensor, ctx):
+            self.modules.append(ctx.module_name)
+            return tensor
+
+    codec = Recording()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh())
+    with compress_activations(model, codec=codec, modules=["1", "3"], min_bytes=0) as ledger:
+        model(torch.randn(1, 3, 16, 16, requires_grad=True))
+    assert codec.modules == ["1", "3"]  # the Tanh outputs; conv inputs go through the identity codec
+    assert ledger.by_codec()["recording"].count == 2
