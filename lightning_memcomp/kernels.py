@@ -34,11 +34,13 @@ _backend: str | None = None
 
 
 def _sources_dir() -> Path:
-    # installed: shipped as the package data lightning_memcomp._cuda; in a checkout: ../cuda
-    checkout = Path(__file__).resolve().parent.parent / "cuda"
-    if checkout.is_dir():
-        return checkout
-    return Path(str(resources.files("lightning_memcomp._cuda")))
+    # installed: shipped as the package data lightning_memcomp._cuda; in a source checkout the same
+    # folder is ../cuda (mapped by pyproject's package-dir). Never a bare "cuda" folder elsewhere:
+    # site-packages/cuda belongs to NVIDIA's cuda-bindings.
+    try:
+        return Path(str(resources.files("lightning_memcomp._cuda")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "cuda"
 
 
 def available_extensions() -> list[str]:
