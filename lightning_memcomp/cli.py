@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return int(bench.main(args[1:]) or 0)
-    MemcompCLI(args=args)
+    # from the console script LightningCLI reads sys.argv itself (passing both makes it warn)
+    MemcompCLI(args=None if argv is None else args)
     return 0
 
 
