@@ -22,7 +22,8 @@ from lightning_memcomp import strategies as _strategies  # noqa: F401  registers
 
 __version__ = "0.1.0"
 
-# Heavier parts load on first use, so `import lightning_memcomp` stays light.
+# Technique packages load on first use; the strategies (and so Lightning) load eagerly, because
+# Trainer(strategy="memcomp") needs them registered before it looks the name up.
 _LAZY = {
     "MemoryMonitor": "lightning_memcomp.memory.monitor",
     "compress_activations": "lightning_memcomp.compression",
