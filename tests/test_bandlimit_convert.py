@@ -136,6 +136,7 @@ def test_recorded_conversion_rebuilds_the_same_layers_on_a_fresh_model(small_cnn
     fresh.load_state_dict(model.state_dict())
     assert _names_of(fresh, BandLimitedConv2d) == {"conv1", "mix"}
     assert fresh.conv1.preserve_energy == 95 and fresh.conv1.fft_size == "minimal"
+    assert fresh.conv1.energy_levels is fresh.mix.energy_levels  # one host read per batch for the model
     model.eval(), fresh.eval()
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(fresh(x), model(x))

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_memcomp import track_saved_tensors
-from lightning_memcomp.bandlimit import BandLimitedConv1d, BandLimitedConv2d, BandLimitedConv3d, UnsupportedConvError
+from lightning_memcomp.bandlimit import (
+    BandLimitedConv1d,
+    BandLimitedConv2d,
+    BandLimitedConv3d,
+    UnsupportedConvError,
+    band_limit,
+)
 from lightning_memcomp.bandlimit.functional import (
     band_limited_conv,
     choose_energy_level,
@@ -221,31 +227,137 @@ def test_energy_level_is_the_smallest_block_holding_the_requested_share(preserve
         assert _block_energy_share(x, shape, sizes_for_level(shape, level - 1)) < preserve_energy / 100
 
 
-def test_energy_mode_syncs_with_the_host_once_per_forward(monkeypatch):
-    layer = BandLimitedConv2d(2, 3, 3, padding=1, preserve_energy=90)
-    x = torch.randn(2, 2, 10, 10)
-    layer(x)  # build the plan
-    calls = []
-    original = torch.Tensor.item
+def _energy_net(preserve_energy: float = 90) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 3, 3, padding=1),
+    )
+    band_limit(model, preserve_energy=preserve_energy, modules=lambda m, n: isinstance(m, nn.Conv2d))
+    return model
 
-    def counting_item(self):
-        calls.append(1)
-        return original(self)
 
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
-    for name in ("tolist", "__bool__", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name: pytest.fail(f"Tensor.{_n} synced"))
-    layer(x)
-    assert len(calls) == 1
+def _smooth(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).cumsum(-1).cumsum(-2)
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Counts the energy mode's host reads; any other device-to-host read fails the test."""
+    from lightning_memcomp.bandlimit import layers as layers_module
+
+    reads: list[int] = []
+    allowed = [False]
+    original = layers_module.read_levels
+
+    def counting_read(levels):
+        reads.append(levels.numel())
+        allowed[0] = True
+        try:
+            return original(levels)
+        finally:
+            allowed[0] = False
+
+    monkeypatch.setattr(layers_module, "read_levels", counting_read)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, _real=real, _name=name):
+            if not allowed[0]:
+                pytest.fail(f"Tensor.{_name} read a tensor on the host outside read_levels")
+            return _real(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+    return reads
+
+
+def test_energy_mode_reads_every_layer_with_one_host_sync_per_batch(count_host_reads):
+    model = _energy_net()
+    assert len({id(m.energy_levels) for m in model if isinstance(m, BandLimitedConv2d)}) == 1
+    per_batch = []
+    for step in range(5):
+        before = len(count_host_reads)
+        x = _smooth(2, 2, 12, 12) if step % 2 else torch.randn(2, 2, 12, 12)
+        model(x).square().sum().backward()
+        per_batch.append(count_host_reads[before:])
+    # batch 0 calibrates each layer at once (one read per layer); batch 1 applies those levels and measures
+    # its own; from batch 2 on, the first layer reads every layer's level of the previous batch at once
+    assert per_batch == [[1, 1, 1], [], [3], [3], [3]]
+
+
+def test_energy_mode_applies_each_batch_level_from_the_next_batch():
+    layer = BandLimitedConv2d(1, 1, 3, padding=1, preserve_energy=90)
+    noise, smooth = torch.randn(2, 1, 16, 16), _smooth(2, 1, 16, 16)
+    layer(noise)  # calibrates on noise
+    noisy = layer.realized_compression
+    layer(smooth)  # still the noise level; the smooth one is measured
+    assert layer.realized_compression == noisy
+    layer(smooth)
+    assert layer.realized_compression > noisy  # a smooth input keeps fewer frequencies
+    layer(noise)
+    assert layer.realized_compression > noisy
+    layer(noise)
+    assert layer.realized_compression == noisy
 
 
 def test_energy_mode_drops_more_of_a_smooth_input_than_of_noise():
-    layer = BandLimitedConv2d(1, 1, 3, padding=1, preserve_energy=90)
     noise = torch.randn(2, 1, 16, 16)
-    layer(noise)
-    noisy = layer.realized_compression
-    layer(noise.cumsum(-1).cumsum(-2))
-    assert layer.realized_compression > noisy
+    noisy = BandLimitedConv2d(1, 1, 3, padding=1, preserve_energy=90)
+    noisy(noise)
+    smooth = BandLimitedConv2d(1, 1, 3, padding=1, preserve_energy=90)
+    smooth(noise.cumsum(-1).cumsum(-2))
+    assert smooth.realized_compression > noisy.realized_compression
+
+
+def test_energy_mode_under_activation_checkpointing_matches_the_plain_run():
+    from torch.utils.checkpoint import checkpoint
+
+    plain, checkpointed = _energy_net(), _energy_net()
+    for step in range(4):
+        x = _smooth(2, 2, 12, 12) if step % 2 else torch.randn(2, 2, 12, 12)
+        plain.zero_grad()
+        checkpointed.zero_grad()
+        plain(x).square().sum().backward()
+        checkpoint(checkpointed, x, use_reentrant=False).square().sum().backward()
+        for a, b in zip(plain.parameters(), checkpointed.parameters()):
+            torch.testing.assert_close(a.grad, b.grad)
+        compression = [[m.realized_compression for m in net if isinstance(m, BandLimitedConv2d)]
+                       for net in (plain, checkpointed)]
+        assert compression[0] == compression[1]
+
+
+def test_energy_levels_survive_deepcopy_and_pickle_without_pending_reads():
+    import pickle
+
+    model = _energy_net()
+    for _ in range(2):
+        model(torch.randn(1, 2, 8, 8))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        layers = [m for m in clone if isinstance(m, BandLimitedConv2d)]
+        assert len({id(m.energy_levels) for m in layers}) == 1
+        assert layers[0].energy_levels.reads == 0
+        clone(torch.randn(1, 2, 8, 8)).sum().backward()
+        assert all(m.realized_compression is not None for m in layers)
+
+
+@pytest.mark.gpu
+def test_energy_mode_syncs_the_device_once_per_batch_on_cuda():
+    import warnings
+
+    model = _energy_net().cuda()
+    syncs = []
+    for step in range(4):
+        x = (_smooth(2, 2, 12, 12) if step % 2 else torch.randn(2, 2, 12, 12)).cuda()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(x).square().sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert syncs[2:] == [1, 1]  # steady state: the one read of every layer's level per batch
 
 
 def test_energy_mode_at_100_percent_matches_nn_conv():

@@ -2,7 +2,7 @@
 Neural Networks", ICML 2019): layers, the :func:`band_limit` converter and the :class:`BandLimiting` callback.
 
 Only a low-frequency block of each convolution's input, filter and output-gradient spectra is used, and only
-the compressed input and filter spectra are kept for backward.
+the compressed input spectrum is kept for backward (the filter spectrum is recomputed from the weight).
 """
 
 from lightning_memcomp.bandlimit.convert import BAND_LIMITED_TYPES, band_limit, band_limited_layers
@@ -11,7 +11,9 @@ from lightning_memcomp.bandlimit.layers import (
     BandLimitedConv1d,
     BandLimitedConv2d,
     BandLimitedConv3d,
+    EnergyLevels,
     UnsupportedConvError,
+    share_energy_levels,
 )
 
 __all__ = [
@@ -21,11 +23,13 @@ __all__ = [
     "BandLimitedConv2d",
     "BandLimitedConv3d",
     "BandLimiting",
+    "EnergyLevels",
     "UnsupportedConvError",
     "band_limit",
     "band_limited_conv",
     "band_limited_layers",
     "complex_mac",
+    "share_energy_levels",
 ]
 
 

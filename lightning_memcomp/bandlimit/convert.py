@@ -15,6 +15,7 @@ from lightning_memcomp.bandlimit.layers import (
     BandLimitedConv3d,
     UnsupportedConvError,
     _BandLimitedConvNd,
+    share_energy_levels,
 )
 from lightning_memcomp.checkpoint import record_conversion
 from lightning_memcomp.surgery import ConversionReport, ModuleSelection, Unsupported, module_filter, replace_modules
@@ -109,6 +110,8 @@ def band_limit(
         return {**mode, "realized_compression": layer.realized_compression}
 
     report = replace_modules(model, TECHNIQUE, select, factory, converted_types=BAND_LIMITED_TYPES, details=details)
+    if energy is not None:
+        share_energy_levels(model)  # every layer's level read with one host sync per batch
     report.extra["options"] = {"compress_rate": rate, "preserve_energy": energy, "fft_size": fft_size}
     if report.converted:
         record_conversion(

@@ -32,7 +32,9 @@ __all__ = [
     "band_limited_conv",
     "choose_energy_level",
     "complex_mac",
+    "energy_level",
     "energy_levels",
+    "read_levels",
     "fft_shape",
     "LowPassBlock",
     "lowpass_block",
@@ -219,14 +221,13 @@ def energy_levels(shape: Sequence[int], device: torch.device | str = "cpu") -> t
     return level.expand(_one_sided(shape)).reshape(-1).to(device), weights.to(device), top
 
 
-def choose_energy_level(
-    spectrum: Tensor, levels: Tensor, weights: Tensor, top: int, preserve_energy: float
-) -> int:
-    """Smallest level whose block holds ``preserve_energy`` percent of the spectrum's energy.
+def energy_level(spectrum: Tensor, levels: Tensor, weights: Tensor, top: int, preserve_energy: float) -> Tensor:
+    """Smallest level whose block holds ``preserve_energy`` percent of the spectrum's energy, on the device.
 
     ``spectrum`` is ``[..., *one_sided]``; energy is summed over the leading (batch, channel) dims. All
-    levels are evaluated at once on the tensor's device (a cumulative sum over a histogram of levels),
-    then one host sync reads the answer (the paper's code synced on every probe of a binary search).
+    levels are evaluated at once (a cumulative sum over a histogram of levels) and the answer stays on the
+    tensor's device as a 0-dim long tensor: no host sync (the paper's code synced on every probe of a
+    binary search). Read it with :func:`read_levels`.
     """
     spatial = levels.numel()
     power = torch.view_as_real(spectrum).square().sum(-1).reshape(-1, spatial).sum(0)
@@ -235,8 +236,19 @@ def choose_energy_level(
     cumulative = per_level.cumsum(0)
     share = cumulative / cumulative[-1].clamp_min(torch.finfo(torch.float64).tiny)
     target = torch.tensor([preserve_energy / 100.0 - 1e-12], dtype=torch.float64, device=power.device)
-    level = torch.searchsorted(share, target).clamp_(1, top)
-    return int(level.item())
+    return torch.searchsorted(share, target).clamp_(1, top).squeeze(0)
+
+
+def read_levels(levels: Tensor) -> list[int]:
+    """Copy device-side levels to the host: the one host sync of the energy mode (counted in the tests)."""
+    return [int(v) for v in levels.cpu().tolist()]
+
+
+def choose_energy_level(
+    spectrum: Tensor, levels: Tensor, weights: Tensor, top: int, preserve_energy: float
+) -> int:
+    """:func:`energy_level` read on the host at once (one host sync)."""
+    return read_levels(energy_level(spectrum, levels, weights, top, preserve_energy).view(1))[0]
 
 
 # -- the complex multiply-accumulate over channels --------------------------------------------------------
@@ -277,6 +289,10 @@ class SpectrumPlan:
     block: LowPassBlock | None = None
     #: preserve_energy mode: the level map and a cache of blocks per level
     energy: tuple[Tensor, Tensor, int] | None = None
+    #: preserve_energy mode: the level applied (read on the host), and the one measured on the last batch
+    #: and not read yet (a device scalar, see :class:`~lightning_memcomp.bandlimit.layers.EnergyLevels`)
+    level: int | None = None
+    pending: Tensor | None = field(default=None, repr=False)
     _by_level: dict[int, LowPassBlock] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -15,9 +15,10 @@ from lightning_memcomp.bandlimit.functional import (
     SpectrumPlan,
     _check_fft_size,
     band_limited_conv,
-    choose_energy_level,
+    energy_level,
     fft_shape,
     lowpass_sizes,
+    read_levels,
     realized_compression,
     resolve_rates,
 )
@@ -26,7 +27,9 @@ __all__ = [
     "BandLimitedConv1d",
     "BandLimitedConv2d",
     "BandLimitedConv3d",
+    "EnergyLevels",
     "UnsupportedConvError",
+    "share_energy_levels",
 ]
 
 Size = Union[int, Sequence[int]]
@@ -48,6 +51,60 @@ def _tuple(value: Size, d: int, option: str) -> tuple[int, ...]:
     return out
 
 
+class EnergyLevels:
+    """The ``preserve_energy`` levels of a group of band-limited layers, read with one host sync per batch.
+
+    A kept block's size must be known on the host, and each layer's input exists only once the layers
+    before it have run, so reading every layer's level as soon as it is measured costs one host sync per
+    layer (the paper's code: one per probe of a binary search). Instead, each layer measures the level of
+    its input on the device in every forward pass and leaves it here; the next forward pass of any layer of
+    the group reads all of them with one sync (:meth:`flush`), and each layer applies its level from then on.
+    So every batch chooses a level per layer, applied from the following batch (the delayed scaling of
+    fp8 training); the first forward pass at a new input size has nothing to apply yet and reads its own
+    level at once (one sync per layer, once). Measurements taken during backward (activation
+    checkpointing recomputing a forward) are not kept, so a recomputed forward uses the same block.
+
+    :func:`~lightning_memcomp.bandlimit.band_limit` gives every layer of a model one group; a layer built by
+    hand has its own until :func:`share_energy_levels` is called on its model.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[SpectrumPlan] = []
+        #: host syncs made by :meth:`flush` so far (one per call with pending levels)
+        self.reads = 0
+
+    def submit(self, plan: SpectrumPlan, level: Tensor) -> None:
+        """Keep ``level`` (a device scalar measured in this forward pass) to be read with the others."""
+        if plan.pending is None:
+            self._pending.append(plan)
+        plan.pending = level
+
+    def flush(self) -> None:
+        """Read every pending level (one host sync per device) and make it the level each layer applies."""
+        plans, self._pending = self._pending, []
+        by_device: dict[torch.device, list[SpectrumPlan]] = {}
+        for plan in plans:
+            if plan.pending is not None:
+                by_device.setdefault(plan.pending.device, []).append(plan)
+        for group in by_device.values():
+            values = read_levels(torch.stack([p.pending for p in group]))  # type: ignore[misc]
+            self.reads += 1
+            for plan, value in zip(group, values):
+                plan.level, plan.pending = value, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_pending": [], "reads": 0}
+
+
+def share_energy_levels(model: nn.Module) -> EnergyLevels:
+    """Give every band-limited layer of ``model`` one :class:`EnergyLevels` (one host sync per batch)."""
+    shared = EnergyLevels()
+    for module in model.modules():
+        if isinstance(module, _BandLimitedConvNd):
+            module.energy_levels = shared
+    return shared
+
+
 class _BandLimitedConvNd(nn.Module):
     """A convolution evaluated in the frequency domain with the high-frequency block discarded.
 
@@ -61,7 +118,9 @@ class _BandLimitedConvNd(nn.Module):
             ``m = int(half * ((100 - rate) / 100) ** (1 / d))`` frequencies per dim (paper, Sec. 3).
             Default 50 when ``preserve_energy`` is not given either.
         preserve_energy: percent of the input spectrum's energy kept, in ``(0, 100]``; the smallest block
-            holding it is chosen per forward pass (one host sync). Exclusive with ``compress_rate``.
+            holding it is measured on every batch and applied from the next one, the levels of all layers
+            sharing an :class:`EnergyLevels` read with one host sync per batch (see there). Exclusive with
+            ``compress_rate``.
         fft_size: ``"power2"`` (paper), ``"linear"`` (the paper's length, not rounded) or ``"minimal"``
             (padded input size); see :data:`~lightning_memcomp.bandlimit.functional.FFT_SIZES`.
 
@@ -140,6 +199,8 @@ class _BandLimitedConvNd(nn.Module):
         #: fraction of one-sided spectral coefficients dropped in the last forward pass
         self.realized_compression: float | None = None
         self._plans: dict[tuple[Any, ...], SpectrumPlan] = {}
+        #: preserve_energy mode: the group whose levels are read together (see :class:`EnergyLevels`)
+        self.energy_levels = EnergyLevels()
 
     def reset_parameters(self) -> None:
         """The same initialization as ``nn.ConvNd``."""
@@ -224,20 +285,31 @@ class _BandLimitedConvNd(nn.Module):
             assert plan.block is not None
             self.realized_compression = plan.block.compression
             return band_limited_conv(x, self.weight, self.bias, plan, plan.block)
-        return band_limited_conv(x, self.weight, self.bias, plan, None, choose=self._energy_chooser(plan))
+        assert self.preserve_energy is not None and plan.energy is not None
+        if self.preserve_energy >= 100:  # the whole spectrum: nothing to measure
+            block = plan.block_for_level(plan.energy[2])
+            self.realized_compression = block.compression
+            return band_limited_conv(x, self.weight, self.bias, plan, block)
+        # a forward recomputed in backward (activation checkpointing) must reuse the block of the original
+        recomputing = torch._C._current_graph_task_id() != -1
+        if plan.pending is not None and not recomputing:
+            self.energy_levels.flush()  # the one host sync of this batch, for every layer of the group
+        return band_limited_conv(x, self.weight, self.bias, plan, None, choose=self._energy_chooser(plan, recomputing))
 
-    def _energy_chooser(self, plan: SpectrumPlan) -> Callable[[Tensor], LowPassBlock]:
-        """Picks the smallest block holding ``preserve_energy`` percent of this batch's input energy."""
+    def _energy_chooser(self, plan: SpectrumPlan, recomputing: bool) -> Callable[[Tensor], LowPassBlock]:
+        """Measures this batch's level on the device and returns the block to apply (see :class:`EnergyLevels`)."""
         assert plan.energy is not None and self.preserve_energy is not None
         levels, weights, top = plan.energy
         preserve_energy = self.preserve_energy
 
         def choose(spectrum: Tensor) -> LowPassBlock:
             # zero padding only shifts the signal: the energy per frequency is that of the input
-            level = top if preserve_energy >= 100 else choose_energy_level(
-                spectrum, levels, weights, top, preserve_energy
-            )
-            block = plan.block_for_level(level)
+            measured = energy_level(spectrum, levels, weights, top, preserve_energy)
+            if plan.level is None:  # first batch at this input size: calibrate now (one sync)
+                plan.level = read_levels(measured.view(1))[0]
+            elif not recomputing:
+                self.energy_levels.submit(plan, measured)
+            block = plan.block_for_level(plan.level)
             self.realized_compression = block.compression
             return block
 
