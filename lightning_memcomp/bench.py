@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_memcomp.bandlimit.functional import FFT_SIZES as BAND_FFT_SIZES
+
 __all__ = [
     "METHOD_KINDS",
     "BenchConfig",
@@ -246,6 +248,7 @@ class BenchConfig:
     csg_slice: tuple[int, ...] | None = None
     csg_code_size: int = 128
     checkpoint_modules: tuple[str, ...] | None = None
+    band_fft_size: str = "power2"
     timeout: float = 3600.0
 
     def validate(self) -> None:
@@ -268,6 +271,9 @@ class BenchConfig:
             raise ValueError(f"--lr={self.lr} is not allowed; use a positive learning rate")
         if self.timeout <= 0:
             raise ValueError(f"--timeout={self.timeout} is not allowed; use a positive number of seconds")
+        if self.band_fft_size not in BAND_FFT_SIZES:
+            raise ValueError(f"--band-fft-size={self.band_fft_size!r} is not allowed; use one of "
+                             f"{', '.join(BAND_FFT_SIZES)}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -587,8 +593,9 @@ class _Prepared:
 
             with warnings.catch_warnings():  # skipped layers are counted in the notes instead
                 warnings.simplefilter("ignore")
-                report = band_limit(model, compress_rate=method.value)
-            self.notes.append(f"{len(report.converted)} convs band-limited, {len(report.skipped)} skipped")
+                report = band_limit(model, compress_rate=method.value, fft_size=cfg.band_fft_size)
+            self.notes.append(f"{len(report.converted)} convs band-limited (fft_size={cfg.band_fft_size}), "
+                              f"{len(report.skipped)} skipped")
         elif kind in ("csg", "bcsg"):
             from lightning_memcomp.csg import slice_generate
 
@@ -814,7 +821,8 @@ def _accuracy(cfg: BenchConfig, spec: NetworkSpec, method: Method, device: torch
 def _config_argv(cfg: BenchConfig) -> list[str]:
     argv = ["--network", cfg.network, "--steps", str(cfg.steps), "--warmup", str(cfg.warmup),
             "--timing", cfg.timing, "--accuracy-epochs", str(cfg.accuracy_epochs), "--device", cfg.device,
-            "--seed", str(cfg.seed), "--lr", repr(cfg.lr), "--csg-code-size", str(cfg.csg_code_size)]
+            "--seed", str(cfg.seed), "--lr", repr(cfg.lr), "--csg-code-size", str(cfg.csg_code_size),
+            "--band-fft-size", cfg.band_fft_size]
     for option, value in (("--batch-size", cfg.batch_size), ("--input-size", cfg.input_size),
                           ("--in-channels", cfg.in_channels), ("--num-classes", cfg.num_classes),
                           ("--threads", cfg.threads)):
@@ -1182,6 +1190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compression ratios lambda (>= 1) of wavelet, dct and threshold in --methods all")
     p.add_argument("--band-rates", default="50,85",
                    help="compress_rate percentages (0 <= R < 100) of bandlimit in --methods all")
+    p.add_argument("--band-fft-size", choices=BAND_FFT_SIZES, default="power2",
+                   help="FFT grid of bandlimit: power2 (the paper's, rounded up to a power of two), linear (the "
+                        "paper's length) or minimal (the padded input size: exact, and the smallest in memory)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size (default: 128 for classifiers, 2 for 3-D and 8 for 2-D segmenters, 32 for tiny_cnn)")
     p.add_argument("--input-size", type=int, default=None,
@@ -1238,7 +1249,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         network=args.network, batch_size=args.batch_size, input_size=args.input_size, in_channels=args.in_channels,
         num_classes=args.num_classes, steps=args.steps, warmup=args.warmup, timing=args.timing,
         accuracy_epochs=args.accuracy_epochs, device=args.device, seed=args.seed, threads=args.threads, lr=args.lr,
-        csg_slice=slice_shape, csg_code_size=args.csg_code_size, checkpoint_modules=modules, timeout=args.timeout,
+        csg_slice=slice_shape, csg_code_size=args.csg_code_size, checkpoint_modules=modules,
+        band_fft_size=args.band_fft_size, timeout=args.timeout,
     )
     cfg.validate()
     return cfg
