@@ -135,8 +135,9 @@ def main() -> None:
     lines = [
         "# Band-limited convolutions: CIFAR ResNet-18, CPU",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} cores (shared with other jobs: timings are noisy, ratios are taken in "
-        f"one process, interleaved); torch {torch.__version__}; {platform.python_implementation()} "
+        f"Machine: {cpu}, {os.cpu_count()} cores, load average at the end "
+        f"{' / '.join(f'{v:.1f}' for v in os.getloadavg())} (1/5/15 min; step-time ratios are taken in one process, "
+        f"interleaved); torch {torch.__version__}; {platform.python_implementation()} "
         f"{platform.python_version()}; {datetime.date.today().isoformat()}. No GPU was lent to this task: no GPU row.",
         "",
         f"`python benchmarks/bandlimit_resnet18.py --batch {args.batch} --steps {args.steps} --fft-sizes "
