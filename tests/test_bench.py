@@ -149,6 +149,21 @@ def test_worker_prints_one_json_result_line(capsys: pytest.CaptureFixture[str]) 
     assert result["time_ratio"] > 0
 
 
+@pytest.mark.parametrize("fft_size", ["power2", "minimal"])
+def test_bandlimit_rows_use_the_requested_fft_grid(fft_size: str) -> None:
+    cfg = BenchConfig(network="tiny_cnn", batch_size=2, input_size=12, steps=1, warmup=1, timing="isolated",
+                      threads=1, band_fft_size=fft_size)
+    result = run_worker(cfg, Method("bandlimit", 50))
+    assert result.status == "ok" and f"fft_size={fft_size}" in result.notes
+    assert result.held_bytes > 0
+    assert "--band-fft-size" in bench._config_argv(cfg) and fft_size in bench._config_argv(cfg)
+
+
+def test_an_unknown_band_fft_size_is_refused_with_the_allowed_values() -> None:
+    with pytest.raises(ValueError, match=r"--band-fft-size='pow2' is not allowed; use one of power2, linear, minimal"):
+        BenchConfig(band_fft_size="pow2").validate()
+
+
 def test_worker_trains_to_above_chance_on_the_digits() -> None:
     cfg = BenchConfig(network="tiny_cnn", batch_size=64, steps=1, warmup=0, timing="isolated", accuracy_epochs=2,
                       threads=1)
