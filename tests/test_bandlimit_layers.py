@@ -17,6 +17,7 @@ from lightning_memcomp.bandlimit import (
     BandLimitedConv3d,
     UnsupportedConvError,
     band_limit,
+    share_energy_levels,
 )
 from lightning_memcomp.bandlimit.functional import (
     band_limited_conv,
@@ -283,6 +284,21 @@ def test_energy_mode_reads_every_layer_with_one_host_sync_per_batch(count_host_r
     # batch 0 calibrates each layer at once (one read per layer); batch 1 applies those levels and measures
     # its own; from batch 2 on, the first layer reads every layer's level of the previous batch at once
     assert per_batch == [[1, 1, 1], [], [3], [3], [3]]
+
+
+def test_sharing_energy_levels_after_some_batches_keeps_one_read_per_batch(count_host_reads):
+    first = BandLimitedConv2d(1, 2, 3, padding=1, preserve_energy=90)
+    second = BandLimitedConv2d(2, 1, 3, padding=1, preserve_energy=90)
+    model = nn.Sequential(first, second)
+    for _ in range(3):  # separate groups: one read per layer per batch
+        model(torch.randn(2, 1, 10, 10))
+    assert count_host_reads == [1, 1, 1, 1]  # two calibrations, then one flush per layer
+    shared = share_energy_levels(model)
+    assert first.energy_levels is shared and second.energy_levels is shared
+    del count_host_reads[:]
+    for _ in range(3):
+        model(torch.randn(2, 1, 10, 10))
+    assert count_host_reads == [2, 2]  # the batch after sharing has nothing pending to read
 
 
 def test_energy_mode_applies_each_batch_level_from_the_next_batch():

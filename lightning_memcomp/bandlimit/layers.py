@@ -102,6 +102,8 @@ def share_energy_levels(model: nn.Module) -> EnergyLevels:
     for module in model.modules():
         if isinstance(module, _BandLimitedConvNd):
             module.energy_levels = shared
+            for plan in module._plans.values():
+                plan.pending = None  # a measurement left in the former group is dropped, not read
     return shared
 
 
