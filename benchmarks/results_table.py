@@ -1,0 +1,59 @@
+"""Print the README's "Results" table from the committed benchmark CSVs (held bytes and step time vs baseline).
+
+    python benchmarks/results_table.py            # paste between the results-table markers of README.md
+    python benchmarks/results_table.py --check    # exit 1 when README.md's table differs from the files
+
+``tests/test_published_results.py`` checks every figure of the README against the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+NETWORKS = (("ResNet-18", "bench_resnet18_cifar_cpu.csv"), ("3-D UNet", "bench_unet3d_cpu.csv"))
+BEGIN, END = "<!-- results-table: begin -->", "<!-- results-table: end -->"
+
+
+def _rows(name: str) -> dict[str, dict[str, str]]:
+    with open(RESULTS / name, newline="") as f:
+        return {row["method"]: row for row in csv.DictReader(f)}
+
+
+def table() -> str:
+    data = [(label, _rows(name)) for label, name in NETWORKS]
+    methods = list(dict.fromkeys(m for _, rows in data for m in rows))
+    header = ["method"] + [f"{label} {column}" for label, _ in data for column in ("held", "step time")]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for method in methods:
+        cells = [f"`{method}`"]
+        for _, rows in data:
+            row = rows.get(method)
+            for key in ("held_ratio", "time_ratio"):
+                cells.append(f"{float(row[key]):.2f}x" if row and row.get(key) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare with README.md instead of printing")
+    args = parser.parse_args()
+    text = table()
+    if not args.check:
+        print(text)
+        return 0
+    readme = (ROOT / "README.md").read_text()
+    current = readme.split(BEGIN, 1)[1].split(END, 1)[0].strip() if BEGIN in readme else ""
+    if current != text:
+        print("README.md's results table differs from benchmarks/results; regenerate it:\n" + text, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
