@@ -79,27 +79,39 @@ def _channel_view(v: Tensor, dim: int) -> Tensor:
 
 def blpa_quantize(
     x: Tensor, bits: int, threshold: Tensor | None, window: float = 6.0, relu: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """BLPA bins of ``x`` (``[N, C, ...]``) per channel: (codes uint8 like ``x``, threshold, delta, shift).
 
     ``threshold`` (``[C]``, the following ReLU's threshold) defaults to the channel mean; ``relu`` marks
-    a ReLU's non-negative output (one bin below the threshold).
+    a ReLU's non-negative output (one bin below the threshold). A channel whose values are all equal
+    (zero spread: a dead filter, a missing one-hot category, a batch of one) is stored exactly: its
+    threshold is its value, its bin width 0 and its codes 0. Returns ``None`` when ``x`` holds NaN or
+    Inf (or its spread overflows), so the caller keeps the tensor as it is.
     """
     n = 1 << bits
-    xf = x.float()
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(work)
     dims = [d for d in range(x.dim()) if d != 1]
     var, mu = torch.var_mean(xf, dim=dims, correction=0)
+    if not bool((torch.isfinite(var) & torch.isfinite(mu)).all()):
+        return None
+    flat_channels = xf.transpose(0, 1).reshape(xf.shape[1], -1)
+    lo, hi = torch.aminmax(flat_channels, dim=1)
+    constant = lo == hi  # var may be a rounding error above 0 for equal values
     sigma = var.sqrt()
-    delta = window * sigma / n
-    delta = torch.where(delta > 0, delta, torch.ones_like(delta))
-    t = mu.clone() if threshold is None else threshold.float()
+    delta = torch.where(constant, torch.zeros_like(sigma), window * sigma / n)
+    t = mu.clone() if threshold is None else threshold.to(work)
+    t = torch.where(constant, lo, t)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     if relu:
         shift = torch.ones_like(mu)
     else:
         # the window is centred on the mean; the clamp keeps at least one bin on each side of t
-        shift = torch.round((t - mu) / delta + n / 2).clamp(1, n - 1)
+        shift = torch.round((t - mu) / safe + n / 2).clamp(1, n - 1)
+    shift = torch.where(constant, torch.ones_like(shift), shift)
     view = x.dim()
-    k = torch.ceil((xf - _channel_view(t, view)) / _channel_view(delta, view)) - 1 + _channel_view(shift, view)
+    k = torch.ceil((xf - _channel_view(t, view)) / _channel_view(safe, view)) - 1 + _channel_view(shift, view)
+    k = torch.where(_channel_view(constant, view), torch.zeros_like(k), k)
     codes = k.clamp_(0, n - 1).to(torch.uint8)
     return codes, t, delta, shift.to(torch.uint8)
 
@@ -107,14 +119,19 @@ def blpa_quantize(
 def blpa_dequantize(
     codes: Tensor, threshold: Tensor, delta: Tensor, shift: Tensor, relu: bool, dtype: torch.dtype
 ) -> Tensor:
-    """Bin centres ``t + (k - s + 1/2) * delta``, passed through the ReLU for a ReLU's output."""
+    """Bin centres ``t + (k - s + 1/2) * delta``, passed through the ReLU for a ReLU's output; finite and within
+    ``dtype``'s range (a channel of width 0 decodes to its exact value)."""
     view = codes.dim()
-    k = codes.float() - _channel_view(shift.float(), view) + 0.5
-    x = _channel_view(threshold, view) + k * _channel_view(delta, view)
+    work = threshold.dtype
+    k = codes.to(work) - _channel_view(shift.to(work), view) + 0.5
+    x = _channel_view(threshold, view) + k * _channel_view(delta.to(work), view)
+    finfo = torch.finfo(dtype)
+    x = x.clamp_(-finfo.max, finfo.max)
     if relu:
         x = x.clamp_(min=0)
         # a positive bin stays positive in a narrow dtype too (exact ReLU mask)
-        x = torch.where(k > 0, x.clamp(min=torch.finfo(dtype).tiny), x)
+        smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).to(work)
+        x = torch.where((k > 0) & (_channel_view(delta, view) > 0), x.clamp(min=smallest), x)
     return x.to(dtype)
 
 
@@ -149,6 +166,7 @@ class BLPACodec(Codec):
     """
 
     name = "blpa"
+    compresses = True
 
     def __init__(self, bits: int = 4, window: float = 6.0, exact_routing: bool = True,
                  input_bits: int | None = 8) -> None:
@@ -165,7 +183,13 @@ class BLPACodec(Codec):
     def accepts(self, tensor: Tensor, ctx: SaveContext) -> bool:
         if self.exact_routing and is_routing_tensor(tensor, ctx.module):
             return True
-        return tensor.is_floating_point() and tensor.dim() >= 2
+        if not (tensor.is_floating_point() and tensor.dim() >= 2):
+            return False
+        # never larger than the tensor: per channel a threshold, a bin width (4 or 8 bytes each), a shift
+        bits = self.bits if tensor.requires_grad else (self.input_bits or 8)
+        per_channel = 17 if tensor.dtype == torch.float64 else 9
+        payload = -(-tensor.numel() * bits // 8) + tensor.shape[1] * per_channel
+        return payload < tensor.numel() * tensor.element_size()
 
     def encode(self, tensor: Tensor, ctx: SaveContext) -> Any:
         module = ctx.module
@@ -192,7 +216,10 @@ class BLPACodec(Codec):
             bounds = (float(module.min_val), float(module.max_val))
             flat_x, _ = memory_order(x)
             mask = BitMask(pack_mask((flat_x > bounds[0]) & (flat_x < bounds[1])), flat_x.numel())
-        codes, t, delta, shift = blpa_quantize(x, bits, threshold, self.window, relu=relu)
+        quantized = blpa_quantize(x, bits, threshold, self.window, relu=relu)
+        if quantized is None:
+            return tensor  # NaN or Inf: kept as it is (the engine counts it as passthrough)
+        codes, t, delta, shift = quantized
         flat, order = memory_order(codes)
         per = 8 // bits
         pad = (-flat.numel()) % per

@@ -43,7 +43,7 @@ from lightning_memcomp.compression.bitpack import (
     unpack_mask,
 )
 from lightning_memcomp.kernels import use_cuda_kernel
-from lightning_memcomp.memory.engine import Codec, SaveContext
+from lightning_memcomp.memory.engine import Codec, SaveContext, mix_seed
 
 __all__ = ["QuantCodec", "QuantPayload", "dequantize_groups", "quantize_groups"]
 
@@ -80,52 +80,136 @@ def _grouped(flat: Tensor, group_size: int) -> Tensor:
     return flat.view(-1, group_size)
 
 
+def _meta_types(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dtype, int]:
+    """(work dtype, lo/step dtype, exponent dtype, largest exponent) for saved tensors of ``dtype``."""
+    if dtype == torch.float64:
+        return torch.float64, torch.float32, torch.int16, 1021
+    return torch.float32, torch.float16, torch.int8, 127
+
+
+def _round_to(values: Tensor, dtype: torch.dtype, direction: float) -> Tensor:
+    """``values`` rounded to ``dtype`` towards ``direction`` (``-inf`` down, ``+inf`` up)."""
+    rounded = values.to(dtype)
+    toward = torch.full_like(rounded, direction)
+    off = rounded.to(values.dtype) > values if direction < 0 else rounded.to(values.dtype) < values
+    return torch.where(off, torch.nextafter(rounded, toward), rounded)
+
+
+def _split_bits(values: Tensor, meta: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The bits of ``values`` (float32/float64) as two halves viewed as ``meta`` (float16/float32)."""
+    half = 16 if meta == torch.float16 else 32
+    ints = torch.int16 if meta == torch.float16 else torch.int32
+    wide = values.view(torch.int32 if half == 16 else torch.int64).to(torch.int64)
+    high = (wide >> half).to(ints)
+    low = (wide & ((1 << half) - 1))
+    low = torch.where(low >= (1 << (half - 1)), low - (1 << half), low).to(ints)
+    return high.view(meta), low.view(meta)
+
+
+def _join_bits(high: Tensor, low: Tensor, work: torch.dtype) -> Tensor:
+    """Inverse of :func:`_split_bits`."""
+    half = 16 if high.dtype == torch.float16 else 32
+    ints = torch.int16 if half == 16 else torch.int32
+    wide = (high.view(ints).to(torch.int64) << half) | (low.view(ints).to(torch.int64) & ((1 << half) - 1))
+    if half == 16:
+        wide = torch.where(wide >= (1 << 31), wide - (1 << 32), wide).to(torch.int32)
+    return wide.view(work)
+
+
 def quantize_groups(
     groups: Tensor, bits: int, stochastic: bool, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Reference per-group quantizer: ``[G, S]`` floats -> (codes ``uint8 [G, S*bits/8]``, lo, step, exponent).
 
-    ``lo`` and ``step`` are fp16 relative to ``2**exponent`` (exponent of the group's largest magnitude),
-    so the grid is ``(lo + q * step) * 2**exponent`` for ``q`` in ``0 .. 2**bits - 1``. Positive values of
-    a group whose ``lo`` is zero get codes >= 1 (they never decode to zero). The CUDA kernel computes
-    the same numbers with the same float operations.
+    Returns ``None`` when a group holds NaN or Inf (the caller keeps the tensor as it is). ``lo`` and
+    ``step`` are stored relative to ``2**exponent`` (the exponent of the group's largest magnitude), as
+    float16 with an int8 exponent (float32 with an int16 exponent for float64 tensors). Three kinds of
+    group:
+
+    * ordinary: ``lo`` rounded down, ``step`` rounded up, so every value lies on the grid
+      ``(lo + q * step) * 2**exponent``, ``q = 0 .. 2**bits - 1``, and stochastic rounding is unbiased;
+    * zero-based (minimum exactly 0, e.g. a ReLU output), flagged by a negative ``step``: code 0 is an
+      exact zero and codes ``1 .. 2**bits - 1`` cover ``[lo, lo + (2**bits - 2) * |step|]`` from the smallest
+      positive value up: zeros stay zeros, positives stay positive, and stochastic rounding of the positives
+      is unbiased (at 1 bit a positive decodes to the group's mean positive value);
+    * constant (all values equal), flagged by the smallest exponent: the value's exact bits are split
+      over ``lo`` and ``step``, so it decodes exactly.
     """
-    x = groups.float()
+    work, meta, exp_dtype, emax = _meta_types(groups.dtype)
+    x = groups.to(work)
     levels = (1 << bits) - 1
-    mn = x.amin(1)
-    mx = x.amax(1)
+    mn, mx = torch.aminmax(x, dim=1)
+    if not bool((torch.isfinite(mn) & torch.isfinite(mx)).all()):
+        return None
     amax = torch.maximum(mn.abs(), mx.abs())
-    exponent = torch.frexp(amax).exponent.clamp(-127, 127)
+    exponent = torch.frexp(amax).exponent.clamp(-emax, emax)
     inv_scale = torch.ldexp(torch.ones_like(amax), -exponent)
-    lo = (mn * inv_scale).half()
-    step = ((mx * inv_scale - lo.float()) / levels).half()
-    lo_f = lo.float().unsqueeze(1)
-    step_f = step.float().unsqueeze(1)
-    v = (x * inv_scale.unsqueeze(1) - lo_f) / torch.where(step_f > 0, step_f, torch.ones_like(step_f))
+    constant = mn == mx
+    zero_based = (mn == 0) & (mx > 0)
+    positive = x > 0
+    smallest = torch.nextafter(torch.zeros((), dtype=meta), torch.ones((), dtype=meta))
+    if bits > 1:
+        low = torch.where(positive, x, torch.full_like(x, float("inf"))).amin(1)
+    else:
+        count = positive.sum(1).clamp(min=1)
+        low = torch.where(positive, x, torch.zeros_like(x)).sum(1) / count
+    low = torch.where(zero_based, low, mn) * inv_scale
+    lo = _round_to(low, meta, float("-inf"))
+    if bits == 1:
+        lo = torch.where(zero_based, low.to(meta), lo)  # the mean positive value, to nearest
+    lo = torch.where((low > 0) & (lo == 0), smallest, lo)  # a positive minimum keeps a positive grid
+    span = mx * inv_scale - lo.to(work)
+    steps = torch.where(zero_based, torch.full_like(span, max(levels - 1, 1)), torch.full_like(span, levels))
+    step = _round_to(span / steps, meta, float("inf"))
+    if bits == 1:
+        step = torch.where(zero_based, torch.zeros_like(step), step)
+    lo_f = lo.to(work).unsqueeze(1)
+    step_f = torch.where(step > 0, step, torch.ones_like(step)).to(work).unsqueeze(1)
+    v = (x * inv_scale.unsqueeze(1) - lo_f) / step_f
     if stochastic:
-        v = v + torch.rand(v.shape, device=v.device, generator=generator)
+        v = v + torch.rand(v.shape, device=v.device, dtype=work, generator=generator)
         q = v.floor_()
     else:
         q = v.round_()
-    q = q.clamp_(0, levels)
-    q = torch.where(step_f > 0, q, torch.zeros_like(q))
-    # exact ReLU masks: a positive value never takes the code of zero
-    q = torch.where((x > 0) & (lo_f == 0) & (step_f > 0), q.clamp(min=1), q)
+    zb = zero_based.unsqueeze(1)
+    q = torch.where(zb, q.clamp(0, max(levels - 1, 0)) + 1, q.clamp(0, levels))
+    if bits == 1:
+        q = torch.where(zb, torch.ones_like(q), q)
+    q = torch.where(zb & ~positive, torch.zeros_like(q), q)
+    q = torch.where(constant.unsqueeze(1), torch.zeros_like(q), q)
     codes = pack_bits(q.to(torch.uint8), bits)
-    return codes, lo, step, exponent.to(torch.int8)
+    # the flags: a negative step marks a zero-based group, the smallest exponent a constant one
+    step = torch.where(zero_based, -step, step)
+    high, low_bits = _split_bits(mn, meta)
+    lo = torch.where(constant, high, lo)
+    step = torch.where(constant, low_bits, step)
+    sentinel = torch.iinfo(exp_dtype).min
+    exponent = torch.where(constant, torch.full_like(exponent, sentinel), exponent).to(exp_dtype)
+    return codes, lo, step, exponent
 
 
 def dequantize_groups(
     codes: Tensor, lo: Tensor, step: Tensor, exponent: Tensor, bits: int, dtype: torch.dtype
 ) -> Tensor:
-    """Reference inverse of :func:`quantize_groups`: ``[G, S]`` of ``dtype``."""
-    q = unpack_bits(codes, bits).float()
-    lo_f = lo.float().unsqueeze(1)
-    scale = torch.ldexp(torch.ones_like(lo_f), exponent.to(torch.int32).unsqueeze(1))
-    x = (lo_f + q * step.float().unsqueeze(1)) * scale
-    # a positive code of a zero-based group must stay positive in a narrow dtype too
-    tiny = torch.finfo(dtype).tiny
-    x = torch.where((q > 0) & (lo_f == 0), x.clamp(min=tiny), x)
+    """Reference inverse of :func:`quantize_groups`: ``[G, S]`` of ``dtype``, finite, within the dtype's range."""
+    work, _, exp_dtype, _ = _meta_types(dtype)
+    q = unpack_bits(codes, bits).to(work)
+    constant = (exponent == torch.iinfo(exp_dtype).min).unsqueeze(1)
+    zero_based = torch.signbit(step).unsqueeze(1) & ~constant
+    scale = torch.ldexp(torch.ones(exponent.shape, dtype=work, device=codes.device),
+                        torch.where(constant.squeeze(1), 0, exponent.to(torch.int32))).unsqueeze(1)
+    lo_f = lo.to(work).unsqueeze(1)
+    step_f = step.to(work).abs().unsqueeze(1)
+    x = (lo_f + torch.where(zero_based, q - 1, q) * step_f) * scale
+    x = torch.where(zero_based & (q == 0), torch.zeros_like(x), x)
+    finfo = torch.finfo(dtype)
+    x = x.clamp_(-finfo.max, finfo.max)
+    # positives stay positive in a narrow dtype (exact ReLU masks)
+    smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).to(work)
+    positive = torch.where(zero_based, q > 0, lo_f > 0)
+    x = torch.where(positive, x.clamp(min=smallest), x)
+    exact = _join_bits(lo, step, work).unsqueeze(1)
+    x = torch.where(constant, exact, x)
     return x.to(dtype)
 
 
@@ -154,6 +238,7 @@ class QuantCodec(Codec):
     """
 
     name = "quant"
+    compresses = True
 
     def __init__(
         self,
@@ -180,6 +265,7 @@ class QuantCodec(Codec):
         self.seed = seed
         self.exact_routing = bool(exact_routing)
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._stream_seed: int | None = None
 
     def __repr__(self) -> str:
         return (f"QuantCodec(bits={self.bits}, group_size={self.group_size}, stochastic={self.stochastic}, "
@@ -190,14 +276,31 @@ class QuantCodec(Codec):
         if self.exact_routing and is_routing_tensor(tensor, ctx.module):
             return True
         # 0-/1-D tensors are normalization statistics, biases or scalars: kept exact
-        return tensor.is_floating_point() and tensor.dim() >= 2
+        if not (tensor.is_floating_point() and tensor.dim() >= 2):
+            return False
+        bits = self.bits if tensor.requires_grad else (self.input_bits or 8)
+        groups = -(-tensor.numel() // self.group_size)
+        meta = 11 if tensor.dtype == torch.float64 else 5
+        return groups * (self.group_size * bits // 8 + meta) < tensor.numel() * tensor.element_size()
 
     # -- random stream ---------------------------------------------------------------------------
+    def reseed(self, seed: int, step: int = 0) -> None:
+        """Restart the random stream from ``(seed, step)``; the engine calls this at every start with its
+        base seed (``torch.initial_seed()`` unless given) and step. The codec's own ``seed``, if given,
+        replaces the base seed."""
+        self._stream_seed = mix_seed(self.seed if self.seed is not None else seed, step)
+        self._generators.clear()
+
     def generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            seed = self.seed if self.seed is not None else torch.initial_seed() + 0x5EED
+            if self._stream_seed is not None:
+                seed = self._stream_seed
+            elif self.seed is not None:
+                seed = self.seed
+            else:
+                seed = torch.initial_seed() + 0x5EED
             gen.manual_seed(seed % (2**63))
             self._generators[device] = gen
         return gen
@@ -219,6 +322,10 @@ class QuantCodec(Codec):
             stochastic = bits <= 4 if self._stochastic_option is None else self._stochastic_option
         x = tensor.detach()
         flat, order = memory_order(x)
+        quantized = self._quantize(_grouped(flat, self.group_size), bits, stochastic)
+        if quantized is None:
+            return tensor  # NaN or Inf: kept as it is (the engine counts it as passthrough)
+        codes, lo, step, exponent = quantized
         mask, kind, bounds = None, None, None
         if self.exact_routing and isinstance(module, _SIGN_TYPES):
             kind = "sign"
@@ -227,15 +334,16 @@ class QuantCodec(Codec):
             kind = "hardtanh"
             bounds = (float(module.min_val), float(module.max_val))
             mask = BitMask(pack_mask((flat > bounds[0]) & (flat < bounds[1])), flat.numel())
-        codes, lo, step, exponent = self._quantize(_grouped(flat, self.group_size), bits, stochastic)
         return QuantPayload(codes, lo, step, exponent, mask, bits, flat.numel(), tuple(x.shape), order,
                             x.dtype, kind, bounds)
 
-    def _quantize(self, groups: Tensor, bits: int, stochastic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        ext = use_cuda_kernel(KERNEL, groups)
+    def _quantize(self, groups: Tensor, bits: int, stochastic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        ext = use_cuda_kernel(KERNEL, groups) if groups.dtype != torch.float64 else None
         if ext is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu")))) if stochastic else 0
-            codes, lo, step, exponent = ext.pack(groups.contiguous(), bits, stochastic, seed)
+            codes, lo, step, exponent, finite = ext.pack(groups.contiguous(), bits, stochastic, seed)
+            if not bool(finite):
+                return None
             return codes, lo, step, exponent
         gen = self.generator(groups.device) if stochastic else None
         return quantize_groups(groups, bits, stochastic, gen)
@@ -243,7 +351,7 @@ class QuantCodec(Codec):
     def decode(self, payload: Any) -> Tensor:
         if not isinstance(payload, QuantPayload):
             return decode_routing(payload) if not isinstance(payload, Tensor) else payload
-        ext = use_cuda_kernel(KERNEL, payload.codes)
+        ext = use_cuda_kernel(KERNEL, payload.codes) if payload.dtype != torch.float64 else None
         if ext is not None:
             groups = ext.unpack(payload.codes, payload.lo, payload.step, payload.exponent, payload.bits,
                                 payload.dtype)

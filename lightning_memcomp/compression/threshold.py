@@ -20,6 +20,9 @@ Choices beyond the paper, shared by the three codecs:
   The engine packs a storage once, in the context of the module that saved it first: a ReLU's output is
   always first saved by the ReLU, but a tensor that, say, a convolution saved before a ``LeakyReLU`` saves
   it as its input is reused without a sign mask (select the activation, or apply it in place, to avoid it).
+* A tensor holding NaN or Inf (or whose transform overflows) is kept as it is (counted as passthrough):
+  a transform would spread one non-finite value over its block. Decoded values are clamped to the
+  dtype's finite range, so a float16 reconstruction never rounds to Inf.
 * ``per_sample=True`` keeps ``floor(N_sample / lambda)`` coefficients in every sample instead of
   ``floor(N / lambda)`` over the whole tensor (the paper's choice, the default).
 """
@@ -123,6 +126,7 @@ class TopKCodec(Codec):
     """
 
     name = "topk"
+    compresses = True
 
     def __init__(
         self,
@@ -185,6 +189,8 @@ class TopKCodec(Codec):
         with torch.no_grad():
             x = tensor.detach()
             coeffs, meta = self.forward_transform(x)
+            if not bool(torch.isfinite(coeffs).all()):
+                return tensor  # NaN/Inf (or a transform overflow) would spread: kept as it is
             rows = x.shape[0] if self.per_sample and x.dim() >= 2 else 1
             k = self.keep_count(x.numel() // rows)
             value_dtype = self.value_dtype or x.dtype
@@ -206,7 +212,11 @@ class TopKCodec(Codec):
             return payload
         with torch.no_grad():
             dense = payload.coeffs.to_dense().reshape(payload.coeff_shape)
-            x = self.inverse_transform(dense, payload.meta, payload.shape).to(payload.dtype)
+            x = self.inverse_transform(dense, payload.meta, payload.shape)
+            finfo = torch.finfo(payload.dtype)
+            if finfo.max < torch.finfo(x.dtype).max:  # a reconstruction never rounds to Inf
+                x = x.clamp(-finfo.max, finfo.max)
+            x = x.to(payload.dtype)
             if payload.mode is not None:
                 x = self._apply_masks(x, payload)
             return x.contiguous(memory_format=payload.memory_format)

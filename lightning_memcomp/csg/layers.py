@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
 
 from lightning_memcomp.csg.generator import SliceGenerator
+from lightning_memcomp.memory.engine import keep_exact
 
 __all__ = [
     "INITS",
@@ -254,7 +255,7 @@ class SliceConv(nn.Module):
         return slices_to_weight(slices, self.slice_shape, self.out_channels, self.in_channels // self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.generate_weight()
+        weight = keep_exact(self.generate_weight())  # a weight, never an activation to compress
         conv = _FUNCTIONAL[self._dims]
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)

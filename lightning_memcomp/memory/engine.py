@@ -7,12 +7,33 @@ of the module that saved it first), and
 asks the codec chosen for that module to encode it. Backward calls the unpack hook, which decodes.
 The forward pass itself is never changed.
 
+What the engine guarantees, whatever the codec (see the README, "What is never encoded"):
+
+* **In-place checks.** ``saved_tensors_hooks`` switch off PyTorch's own check that a saved tensor was not
+  modified in place before backward. The engine records each saved tensor's version counter at pack time
+  (through a zero-size alias that shares the counter but holds no memory) and raises PyTorch's error, with
+  the module that saved it, at unpack if the version moved.
+* **Parameters and computed weights stay exact**: parameters and buffers (by storage identity), autocast
+  copies of parameters, outputs of ``torch.nn.utils.parametrize`` parametrizations (weight and spectral
+  norm included), tensors a module holds as plain attributes that require grad (hook-based weight norm),
+  and anything passed to :func:`keep_exact` (CSG's generated filters) are never encoded.
+* **Non-finite values**: a codec keeps a tensor with NaN/Inf as it is (counted as passthrough), and a
+  payload that would be as large as the tensor is dropped for the tensor itself.
+* **Views**: one storage is packed once: a later save of a view that lies inside a packed dense region
+  (a transpose, a slice) is rebuilt from it; an expanded view is stored at the size of its storage.
+* **Bounded lifetime**: the engine's cache holds weak references only, so a payload is freed as soon as
+  autograd frees the graph that holds it, also while the engine stays open for a whole fit.
+* **Reproducible randomness**: codecs with a random stream are reseeded at every :meth:`start` from a
+  base seed (``torch.initial_seed()`` by default) and a step number.
+
 Codecs (identity here; quantization and transform-domain codecs in :mod:`lightning_memcomp.compression`)
 subclass :class:`Codec`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +49,20 @@ __all__ = [
     "IdentityCodec",
     "SaveContext",
     "SavedTensorEngine",
+    "keep_exact",
+    "mix_seed",
     "payload_nbytes",
     "track_saved_tensors",
 ]
 
 DEFAULT_MIN_BYTES = 4096
+
+try:  # the module that computes a parametrized weight (torch.nn.utils.parametrize)
+    from torch.nn.utils.parametrize import ParametrizationList as _ParametrizationList
+
+    _PARAMETRIZATION_TYPES: tuple[type, ...] = (_ParametrizationList,)
+except ImportError:  # pragma: no cover - every supported torch has it
+    _PARAMETRIZATION_TYPES = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +94,9 @@ class Codec:
     """
 
     name: str = "identity"
+    #: a compressing codec: when it returns the tensor itself (it declined: NaN/Inf), the engine counts the
+    #: tensor as passthrough (left uncompressed) rather than as encoded
+    compresses: bool = False
 
     def accepts(self, tensor: Tensor, ctx: SaveContext) -> bool:
         return tensor.is_floating_point() and tensor.requires_grad
@@ -77,6 +110,10 @@ class Codec:
     def stored_nbytes(self, payload: Any) -> int:
         return payload_nbytes(payload)
 
+    def reseed(self, seed: int, step: int = 0) -> None:
+        """Restart the codec's random stream (if it has one) from ``(seed, step)``; called at each engine
+        start with the engine's base seed and step."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -85,14 +122,168 @@ class IdentityCodec(Codec):
     """Keeps the tensor as it is: the engine then only accounts."""
 
 
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed mixed from integers (splitmix64 steps): nearby inputs give unrelated streams."""
+    z = 0x9E3779B97F4A7C15
+    mask = (1 << 64) - 1
+    for v in values:
+        z = (z + (int(v) & mask) * 0xBF58476D1CE4E5B9 + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+    return z & ((1 << 63) - 1)
+
+
+# the default generators' fingerprint at the last engine start, and how many starts have seen it
+_RNG_TRACK: dict[str, Any] = {"fingerprint": None, "count": 0}
+
+
+def _global_rng_fingerprint() -> bytes:
+    """A digest of torch's default generators' states (read, never advanced)."""
+    digest = hashlib.blake2b(bytes(torch.default_generator.get_state().numpy()), digest_size=8)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        digest.update(bytes(torch.cuda.default_generators[torch.cuda.current_device()].get_state().numpy()))
+    return digest.digest()
+
+
+def _version_probe(tensor: Tensor) -> Tensor | None:
+    """A zero-size tensor that shares ``tensor``'s version counter but none of its memory.
+
+    ``detach()`` shares the version counter (and the storage); replacing its data by an empty tensor
+    keeps the counter and drops the storage, without bumping the version.
+    """
+    try:
+        probe = tensor.detach()
+        probe.data = tensor.new_empty(0)
+        return probe
+    except (RuntimeError, TypeError):  # tensor subclasses that refuse a shallow copy: no check
+        return None
+
+
+def _tensor_type(dtype: torch.dtype, device: torch.device) -> str:
+    name = torch.empty(0, dtype=dtype).type()  # "torch.FloatTensor"
+    return name.replace("torch.", f"torch.{device.type}.", 1) if device.type != "cpu" else name
+
+
 class _Packed:
-    """What the autograd graph holds instead of a saved tensor."""
+    """What the autograd graph holds instead of a saved tensor: the payload and what the checks need."""
 
-    __slots__ = ("codec", "payload")
+    __slots__ = ("codec", "payload", "probe", "version", "module_name", "grad_fn", "output_nr", "shape",
+                 "dtype", "device", "expand_to", "__weakref__")
 
-    def __init__(self, codec: Codec, payload: Any) -> None:
+    def __init__(self, codec: Codec, payload: Any, tensor: Tensor, module_name: str) -> None:
         self.codec = codec
         self.payload = payload
+        self.version = tensor._version
+        # the payload is the tensor itself (passthrough): its own counter is read at unpack
+        self.probe = None if payload is tensor else _version_probe(tensor)
+        self.module_name = module_name
+        fn = tensor.grad_fn
+        self.grad_fn = fn.name() if fn is not None else None
+        self.output_nr = tensor.output_nr if fn is not None else 0
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+        self.device = tensor.device
+        self.expand_to: tuple[int, ...] | None = None
+
+    def current_version(self) -> int:
+        if self.probe is not None:
+            return self.probe._version
+        if isinstance(self.payload, Tensor):
+            return self.payload._version
+        return self.version
+
+    def check_version(self) -> None:
+        current = self.current_version()
+        if current == self.version:
+            return
+        where = f", which is output {self.output_nr} of {self.grad_fn}," if self.grad_fn else ""
+        module = f"module '{self.module_name}'" if self.module_name else "the root module"
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{_tensor_type(self.dtype, self.device)} {list(self.shape)}]{where} is at version {current}; "
+            f"expected version {self.version} instead. Hint: the tensor was saved for backward while {module} "
+            "was running; lightning_memcomp checks this itself because saved_tensors_hooks switch off "
+            "PyTorch's own check. Clone the tensor before modifying it, or use the out-of-place operation."
+        )
+
+    def decode(self) -> Tensor:
+        self.check_version()
+        out = self.codec.decode(self.payload)
+        if self.expand_to is not None:
+            out = out.expand(self.expand_to)
+        return out
+
+
+class _ViewPacked:
+    """A saved view rebuilt from the pack of a dense region of the same storage (packed once)."""
+
+    __slots__ = ("base", "size", "stride", "offset", "base_size", "base_stride", "__weakref__")
+
+    def __init__(self, base: _Packed, tensor: Tensor, base_offset: int, base_size: tuple[int, ...],
+                 base_stride: tuple[int, ...]) -> None:
+        self.base = base
+        self.size = tuple(tensor.shape)
+        self.stride = tuple(tensor.stride())
+        self.offset = tensor.storage_offset() - base_offset
+        self.base_size = base_size
+        self.base_stride = base_stride
+
+    def decode(self) -> Tensor:
+        decoded = self.base.decode()
+        if decoded.stride() != self.base_stride or tuple(decoded.shape) != self.base_size:
+            # lay the decoded region out as it was in the original storage, then take the view
+            buf = decoded.new_empty(_span(self.base_size, self.base_stride))
+            buf.as_strided(self.base_size, self.base_stride).copy_(decoded)
+            decoded = buf
+        return decoded.as_strided(self.size, self.stride, decoded.storage_offset() + self.offset)
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a gap-free block of its storage, each element once (any dimension order)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=lambda d: t.stride(d)):
+        if t.shape[d] == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def _span(size: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements from the first to one past the last element a strided view touches."""
+    if any(s == 0 for s in size):
+        return 0
+    return 1 + sum((n - 1) * st for n, st in zip(size, stride))
+
+
+@dataclass
+class _Region:
+    """A dense region of a storage that one pack holds: element offset, span, and its view's layout."""
+
+    offset: int
+    span: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    packed: weakref.ref
+    storage: StorageWeakRef  # expired once the storage is freed (its address may then be reused)
+
+
+_ACTIVE_ENGINES: list[SavedTensorEngine] = []
+
+
+def keep_exact(tensor: Tensor) -> Tensor:
+    """Mark ``tensor`` (e.g. a weight computed from parameters) so no active engine encodes it; returns it.
+
+    Use it in a ``forward`` for weights generated from parameters that the engine cannot recognise by
+    itself (CSG's generated filters call it). Outside an engine it does nothing.
+    """
+    for engine in _ACTIVE_ENGINES:
+        engine._mark_computed(tensor)
+    return tensor
 
 
 CodecFor = Callable[[str, nn.Module], "Codec | None"]
@@ -109,9 +300,17 @@ class SavedTensorEngine:
             a plain tracker) uses the identity codec for every module.
         min_bytes: tensors smaller than this pass through untouched.
         ledger: the ledger to fill (a new one by default); it is reset on each ``__enter__``.
+        seed: base seed of the codecs' random streams (stochastic rounding); default
+            ``torch.initial_seed()`` at each start.
 
     Use as ``with engine as ledger: loss = model(x)``; ``start()``/``stop()`` do the same for
-    callbacks that open and close the scope in different hooks.
+    callbacks that open and close the scope in different hooks. Each start reseeds the codecs' random
+    streams from ``(seed, step)``: ``start(step=k)`` names the step (the Lightning callbacks and
+    strategies pass the trainer's step and batch index, so a resumed run draws what the uninterrupted
+    one drew); without a step, the step is derived from the state of torch's default generators, read
+    but never advanced: after ``torch.manual_seed(s)`` the same code draws the same numbers, and starts
+    that find the generators unchanged (no random op ran in between) are counted so that no two draw
+    alike; :meth:`reset_rng` restarts that count.
     """
 
     def __init__(
@@ -121,24 +320,33 @@ class SavedTensorEngine:
         *,
         min_bytes: int = DEFAULT_MIN_BYTES,
         ledger: Ledger | None = None,
+        seed: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if min_bytes < 0:
-            raise ValueError(f"min_bytes must be >= 0, got {min_bytes}")
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"min_bytes={min_bytes!r} is not allowed; use an integer >= 0")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed={seed!r} is not allowed; use an int or None (torch.initial_seed())")
         self.model = model
         self.min_bytes = int(min_bytes)
         self.ledger = ledger if ledger is not None else Ledger()
+        self.seed = seed
         self._identity = IdentityCodec()
         self._codecs: dict[str, Codec | None] = {}
         for name, module in model.named_modules():
             codec = codec_for(name, module) if codec_for is not None else self._identity
             self._codecs[name] = codec
         self._stack: list[tuple[str, nn.Module, Codec | None]] = []
-        self._cache: dict[tuple, tuple[StorageWeakRef, _Packed, Codec]] = {}
+        # storage pointer -> dense regions packed from it (weak references: autograd owns the packs)
+        self._regions: dict[int, list[_Region]] = {}
+        # storage pointer -> (weak storage, version) of weights computed from parameters in this forward
+        self._computed: dict[int, tuple[StorageWeakRef, int]] = {}
         self._param_ptrs: set[int] = set()
         self._handles: list[Any] = []
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        #: the (base seed, step) the codecs were last seeded with
+        self.rng_state: tuple[int, int] | None = None
 
     # -- scope -----------------------------------------------------------------------------------
     @property
@@ -148,12 +356,42 @@ class SavedTensorEngine:
     def codec_of(self, name: str) -> Codec | None:
         return self._codecs.get(name)
 
-    def start(self) -> Ledger:
+    def codecs(self) -> list[Codec]:
+        """The distinct codecs this engine uses."""
+        seen: dict[int, Codec] = {}
+        for codec in (self._identity, *self._codecs.values()):
+            if codec is not None:
+                seen.setdefault(id(codec), codec)
+        return list(seen.values())
+
+    def reset_rng(self) -> None:
+        """Forget the start count: the next start without a step draws as the first one after a seed did."""
+        _RNG_TRACK["fingerprint"] = None
+        _RNG_TRACK["count"] = 0
+
+    def _reseed(self, step: int | None) -> None:
+        if step is None:
+            # read, not advance, torch's default generators: the same state (torch.manual_seed) gives the
+            # same numbers, and starts that find it unchanged (nothing random ran since) count up
+            fingerprint = _global_rng_fingerprint()
+            if fingerprint != _RNG_TRACK["fingerprint"]:
+                _RNG_TRACK["fingerprint"], _RNG_TRACK["count"] = fingerprint, 0
+            count = _RNG_TRACK["count"]
+            _RNG_TRACK["count"] = count + 1
+            step = mix_seed(int.from_bytes(fingerprint, "little"), count)
+        base = self.seed if self.seed is not None else torch.initial_seed()
+        self.rng_state = (int(base), int(step))
+        for codec in self.codecs():
+            codec.reseed(int(base), int(step))
+
+    def start(self, step: int | None = None) -> Ledger:
         if self._hooks is not None:
             raise RuntimeError("this SavedTensorEngine is already active; engines are not re-entrant")
         self.ledger.reset()
-        self._cache.clear()
+        self._regions.clear()
+        self._computed.clear()
         self._stack.clear()
+        self._reseed(step)
         self._param_ptrs = {
             t.untyped_storage().data_ptr()
             for t in (*self.model.parameters(), *self.model.buffers())
@@ -166,6 +404,7 @@ class SavedTensorEngine:
                 self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
+            _ACTIVE_ENGINES.append(self)
         except BaseException:
             self._remove_module_hooks()
             raise
@@ -177,8 +416,11 @@ class SavedTensorEngine:
                 self._hooks.__exit__(None, None, None)
         finally:
             self._hooks = None
+            if self in _ACTIVE_ENGINES:
+                _ACTIVE_ENGINES.remove(self)
             self._remove_module_hooks()
-            self._cache.clear()
+            self._regions.clear()
+            self._computed.clear()
             self._stack.clear()
         return self.ledger
 
@@ -193,9 +435,18 @@ class SavedTensorEngine:
             handle.remove()
         self._handles.clear()
 
+    def _mark_computed(self, tensor: Tensor) -> None:
+        if isinstance(tensor, Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            self._computed[storage.data_ptr()] = (StorageWeakRef(storage), tensor._version)
+
     def _pre_hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any) -> None:
             self._stack.append((name, module, self._codecs.get(name)))
+            # weights computed before the forward and held as plain attributes (hook-based weight norm)
+            for value in module.__dict__.values():
+                if isinstance(value, Tensor) and value.requires_grad and not isinstance(value, nn.Parameter):
+                    self._mark_computed(value)
 
         return hook
 
@@ -206,6 +457,8 @@ class SavedTensorEngine:
                 top_name, top_module, _ = self._stack.pop()
                 if top_module is module and top_name == name:
                     break
+            if isinstance(module, _PARAMETRIZATION_TYPES) and isinstance(output, Tensor):
+                self._mark_computed(output)  # a parametrized weight (weight/spectral norm, orthogonal, ...)
 
         return hook
 
@@ -220,38 +473,91 @@ class SavedTensorEngine:
         return SaveContext("", self.model), root_codec
 
     # -- hooks -----------------------------------------------------------------------------------
+    def _is_exact_weight(self, tensor: Tensor, ptr: int) -> bool:
+        if ptr in self._param_ptrs or self._is_parameter_cast(tensor):
+            return True
+        computed = self._computed.get(ptr)
+        return computed is not None and not computed[0].expired()
+
+    def _find_region(self, ptr: int, tensor: Tensor) -> tuple[_Region, _Packed] | None:
+        regions = self._regions.get(ptr)
+        if not regions:
+            return None
+        lo = tensor.storage_offset()
+        hi = lo + _span(tuple(tensor.shape), tuple(tensor.stride()))
+        for region in regions:
+            packed = region.packed()
+            if packed is None or region.storage.expired() or packed.version != tensor._version or packed.dtype != tensor.dtype:
+                continue
+            if region.offset <= lo and hi <= region.offset + region.span:
+                return region, packed
+        return None
+
     def _pack(self, tensor: Tensor) -> Any:
         if tensor.device.type == "meta" or tensor.numel() == 0:
             return tensor
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr in self._param_ptrs or self._is_parameter_cast(tensor):
+        if self._is_exact_weight(tensor, ptr):
             self.ledger.parameter_saves += 1
             return tensor
+        # one pack per storage region: a later save of a view inside a packed dense region (the next conv
+        # saving a ReLU output, a transpose) is rebuilt from that pack, whatever codec the later module has
+        found = self._find_region(ptr, tensor)
+        if found is not None:
+            region, packed = found
+            self.ledger.shared_saves += 1
+            if tuple(tensor.shape) == region.size and tuple(tensor.stride()) == region.stride and (
+                tensor.storage_offset() == region.offset
+            ):
+                return packed
+            return _ViewPacked(packed, tensor, region.offset, region.size, region.stride)
         ctx, codec = self._scope()
         if codec is None:
             codec = self._identity
-        raw = tensor.numel() * tensor.element_size()
-        passthrough = raw < self.min_bytes or not codec.accepts(tensor, ctx)
+        # an expanded view is packed at the size of what it expands (stride-0 dimensions taken once)
+        base = tensor
+        if 0 in tensor.stride() and not _is_dense(tensor):
+            for dim, (size, stride) in enumerate(zip(tensor.shape, tensor.stride())):
+                if stride == 0 and size > 1:
+                    base = base.narrow(dim, 0, 1)
+        raw = base.numel() * base.element_size()
+        passthrough = raw < self.min_bytes or not codec.accepts(base, ctx)
         if passthrough:
             codec = self._identity
-        # one pack per storage: a later save of the same storage (the next conv saving a ReLU output)
-        # reuses the first pack, whatever codec that later module has, so the original is never kept
-        key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype,
-               tensor._version)
-        cached = self._cache.get(key)
-        if cached is not None and not cached[0].expired():
-            self.ledger.shared_saves += 1
-            return cached[1]
-        payload = codec.encode(tensor, ctx)
-        packed = _Packed(codec, payload)
+        payload = codec.encode(base, ctx)
         stored = raw if passthrough else codec.stored_nbytes(payload)
+        if not passthrough and ((codec.compresses and payload is base) or stored > raw):
+            # kept as it is: the codec declined (non-finite values) or the payload would not be smaller
+            passthrough, codec, payload, stored = True, self._identity, base, raw
+        packed = _Packed(codec, payload, base, ctx.module_name)
+        if base is not tensor:
+            packed.expand_to = tuple(tensor.shape)
         self.ledger.record(ctx.module_name, "passthrough" if passthrough else codec.name, raw, stored,
                            passthrough)
-        if len(self._cache) > 4096:
-            self._cache = {k: v for k, v in self._cache.items() if not v[0].expired()}
-        self._cache[key] = (StorageWeakRef(storage), packed, codec)
+        if _is_dense(base):
+            regions = self._regions.setdefault(ptr, [])
+            if len(regions) > 64:
+                regions[:] = [r for r in regions if r.packed() is not None]
+            regions.append(_Region(base.storage_offset(), base.numel(), tuple(base.shape), tuple(base.stride()),
+                                   weakref.ref(packed, self._forget(ptr)), StorageWeakRef(storage)))
         return packed
+
+    def _forget(self, ptr: int) -> Callable:
+        regions_ref = weakref.ref(self)
+
+        def callback(ref: weakref.ref) -> None:
+            engine = regions_ref()
+            if engine is None:
+                return
+            regions = engine._regions.get(ptr)
+            if regions is None:
+                return
+            regions[:] = [r for r in regions if r.packed is not ref]
+            if not regions:
+                engine._regions.pop(ptr, None)
+
+        return callback
 
     def _is_parameter_cast(self, tensor: Tensor) -> bool:
         """A parameter cast by autocast (``ToCopyBackward0`` straight from a parameter's AccumulateGrad).
@@ -270,8 +576,8 @@ class SavedTensorEngine:
 
     @staticmethod
     def _unpack(packed: Any) -> Tensor:
-        if isinstance(packed, _Packed):
-            return packed.codec.decode(packed.payload)
+        if isinstance(packed, (_Packed, _ViewPacked)):
+            return packed.decode()
         return packed
 
 
