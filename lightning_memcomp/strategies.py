@@ -60,6 +60,17 @@ class _CompressedTrainingStep:
         self.memcomp_min_bytes = min_bytes
         self.memcomp_options = options
         self._memcomp_engine = None
+        self._memcomp_rng_seed: int | None = None  # base seed of stochastic rounding, kept in checkpoints
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        checkpoint["memcomp_rng_seed"] = self._memcomp_rng_seed
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        if checkpoint.get("memcomp_rng_seed") is not None:
+            self._memcomp_rng_seed = int(checkpoint["memcomp_rng_seed"])
+        return checkpoint
 
     @property
     def memcomp_ledger(self) -> Ledger | None:
@@ -78,9 +89,18 @@ class _CompressedTrainingStep:
         return engine
 
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        from lightning_memcomp.compression.callback import training_step_seed
+
         module = self.lightning_module  # type: ignore[attr-defined]
         engine = self._engine_for(module)
-        engine.start()
+        if self._memcomp_rng_seed is None:
+            self._memcomp_rng_seed = torch.initial_seed()
+        engine.seed = self._memcomp_rng_seed
+        trainer = module._trainer
+        step = None
+        if trainer is not None:
+            step = training_step_seed(trainer, trainer.fit_loop.epoch_loop.batch_idx)
+        engine.start(step=step)
         try:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
         finally:

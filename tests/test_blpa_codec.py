@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -87,7 +89,8 @@ def test_very_negative_beta_gradients_do_not_vanish():
     out.sum().backward()
     got = model[0].weight.grad
     assert base.abs().sum() > 0 and got.abs().sum() > 0
-    assert torch.nn.functional.cosine_similarity(got.flatten(), base.flatten(), dim=0) > 0.9
+    # measured 0.9976 at this seed (0.9926 the lowest over seeds 0-9): 0.99 leaves that spread as margin
+    assert torch.nn.functional.cosine_similarity(got.flatten(), base.flatten(), dim=0) > 0.99
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -160,7 +163,7 @@ def test_torchvision_resnet_gradients_close_at_eight_bits():
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
-    base = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    base = grads(contextlib.nullcontext())
     engine = compress_activations(model, codec="blpa", bits=8)
     got = grads(engine)
     assert engine.ledger.ratio > 3.5

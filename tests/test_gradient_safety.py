@@ -424,3 +424,71 @@ def test_stochastic_rounding_is_unbiased_on_relu_outputs(bits):
     bias = float((mean - x)[small].mean())
     assert abs(bias) < 0.02 * step, bias
     assert torch.equal(codec.decode(codec.encode(xr, ctx)) > 0, x > 0)  # the ReLU mask stays exact
+
+
+# -- 7. reproducible through Lightning: two fits and a resume ----------------------------------------
+class _TinyModule:
+    """Built lazily so the module-level imports stay light."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+
+        class Tiny(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(8 * 8 * 8, 4))
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return nn.functional.cross_entropy(self.net(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+            def train_dataloader(self):
+                g = torch.Generator().manual_seed(0)
+                data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8, generator=g),
+                                                      torch.randint(0, 4, (32,), generator=g))
+                return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+
+        return Tiny()
+
+
+def _fit(root, epochs: int, how: str, ckpt_path=None, seed: int = 3):
+    import lightning.pytorch as pl
+
+    from lightning_memcomp.compression import ActivationCompression
+    from lightning_memcomp.strategies import MemCompSingleDeviceStrategy
+
+    pl.seed_everything(seed, verbose=False)
+    module = _TinyModule.make()
+    extra = {}
+    if how == "callback":
+        extra["callbacks"] = [ActivationCompression("quant", bits=2, min_bytes=0)]
+    else:
+        extra["strategy"] = MemCompSingleDeviceStrategy("quant", bits=2, min_bytes=0)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, **extra)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer, torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("how", ["callback", "strategy"])
+def test_stochastic_rounding_repeats_across_fits_and_resumes(tmp_path, how):
+    _, once = _fit(tmp_path / "a", 2, how)
+    _, twice = _fit(tmp_path / "b", 2, how)
+    assert torch.equal(once, twice)
+    trainer, _ = _fit(tmp_path / "c", 1, how)
+    ckpt = tmp_path / "one_epoch.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    if how == "callback":
+        (state,) = [v for k, v in saved["callbacks"].items() if "ActivationCompression" in k]
+        assert state["rng_seed"] == 3
+    else:
+        assert saved["memcomp_rng_seed"] == 3
+    # resumed under another global seed: the checkpoint's seed and step make it round as before
+    _, resumed = _fit(tmp_path / "d", 2, how, ckpt_path=ckpt, seed=99)
+    assert torch.equal(resumed, once)

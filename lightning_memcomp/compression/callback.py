@@ -5,17 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_memcomp.compression.api import compress_activations
 from lightning_memcomp.compression.registry import make_codec
-from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine
+from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
 from lightning_memcomp.memory.ledger import MiB, Ledger
 from lightning_memcomp.surgery import ModuleSelection
 
-__all__ = ["ActivationCompression", "refuse_compiled"]
+__all__ = ["ActivationCompression", "refuse_compiled", "training_step_seed"]
+
+
+def training_step_seed(trainer: pl.Trainer, batch_idx: int) -> int:
+    """The step number the engine reseeds from: the global step and the batch index, both restored on resume."""
+    return mix_seed(trainer.global_step, batch_idx)
 
 
 def refuse_compiled(pl_module: pl.LightningModule, who: str) -> None:
@@ -44,6 +50,9 @@ class ActivationCompression(Callback):
         min_bytes: tensors smaller than this are kept as they are.
         log_every_n_steps: how often to log ``memory/held_raw_mib`` and ``memory/held_stored_mib``
             when no :class:`~lightning_memcomp.MemoryMonitor` is present (which then logs them).
+        seed: base seed of stochastic rounding; default ``torch.initial_seed()`` at setup (the seed
+            ``seed_everything`` set). Each training batch draws from ``(seed, global step, batch index)``,
+            and the seed is saved in the checkpoint, so a resumed run rounds as the uninterrupted one.
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
 
     Raises:
@@ -62,8 +71,11 @@ class ActivationCompression(Callback):
         modules: ModuleSelection = None,
         min_bytes: int = DEFAULT_MIN_BYTES,
         log_every_n_steps: int = 50,
+        seed: int | None = None,
         **options: Any,
     ) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed={seed!r} is not allowed; use an int or None (torch.initial_seed())")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be a positive integer")
         if bits is not None:
@@ -74,6 +86,8 @@ class ActivationCompression(Callback):
         self.min_bytes = min_bytes
         self.options = options
         self.log_every_n_steps = log_every_n_steps
+        self.seed = seed
+        self._rng_seed: int | None = seed  # the base seed in use (restored from checkpoints)
         self._engine: SavedTensorEngine | None = None
         self._monitor_present = False
 
@@ -90,6 +104,9 @@ class ActivationCompression(Callback):
                 pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes, **self.options
             )
             rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}")
+        if self._rng_seed is None:
+            self._rng_seed = torch.initial_seed()
+        self._engine.seed = self._rng_seed
         self._monitor_present = any(
             type(cb).__name__ == "MemoryMonitor" for cb in trainer.callbacks  # type: ignore[attr-defined]
         )
@@ -97,7 +114,8 @@ class ActivationCompression(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._engine is not None and not self._engine.active:
-            self._engine.start()
+            self._engine.seed = self._rng_seed
+            self._engine.start(step=training_step_seed(trainer, batch_idx))
 
     def _close(self) -> None:
         if self._engine is not None and self._engine.active:
@@ -131,4 +149,9 @@ class ActivationCompression(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"codec": self.codec, "options": dict(self.options)}
+        return {"codec": self.codec, "options": dict(self.options), "rng_seed": self._rng_seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("rng_seed") is not None:
+            self._rng_seed = int(state_dict["rng_seed"])
