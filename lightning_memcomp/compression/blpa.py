@@ -45,7 +45,7 @@ from lightning_memcomp.compression.bitpack import (
     unpack_bits,
     unpack_mask,
 )
-from lightning_memcomp.compression.quant import _HARDTANH_TYPES, _apply_mask
+from lightning_memcomp.compression.quant import _HARDTANH_TYPES, _apply_mask, _smallest_positive
 from lightning_memcomp.memory.engine import Codec, SaveContext
 
 __all__ = ["BLPACodec", "BLPAPayload", "blpa_dequantize", "blpa_quantize"]
@@ -130,7 +130,7 @@ def blpa_dequantize(
     if relu:
         x = x.clamp_(min=0)
         # a positive bin stays positive in a narrow dtype too (exact ReLU mask)
-        smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).to(work)
+        smallest = _smallest_positive(dtype, codes.device).to(work)
         x = torch.where((k > 0) & (_channel_view(delta, view) > 0), x.clamp(min=smallest), x)
     return x.to(dtype)
 

@@ -8,10 +8,16 @@ Decoding returns ``lo + q * step``. This is the per-group min/scale quantizer of
 ICML 2021) and the k-bit storage of BLPA (Chakrabarti & Moseley, NeurIPS 2019, Sec. 3), with:
 
 * stochastic rounding ``q = floor((x - lo) / step + u)``, ``u ~ U[0, 1)``, by default for ``bits <= 4``,
-  which keeps the decoded activation unbiased (``E[x_hat] = x``), hence the weight gradient too;
-* exact zeros and exact ReLU masks: in a group whose minimum is ``0`` the zero is a code, and a
-  positive value never decodes to ``<= 0`` (codes of positive values are at least 1), so the mask a
-  ReLU's backward reads from its own (quantized) output is exact whatever the bit width;
+  which keeps the decoded activation unbiased (``E[x_hat] = x``), hence the weight gradient too
+  (``lo`` is rounded down and ``step`` up, so no value is clamped at the grid's ends);
+* exact zeros and exact ReLU masks, unbiased: a group whose minimum is ``0`` keeps code 0 for an exact
+  zero and spreads its other codes from its smallest positive value to its maximum, so zeros stay
+  zeros, positives stay positive (the mask a ReLU's backward reads from its own output is exact at
+  every bit width) and the positives are still rounded without bias (at 1 bit they decode to the
+  group's mean positive value);
+* constant groups (a dead channel, padding) keep their value's exact bits; a tensor holding NaN or Inf
+  is left as it is (the engine counts it as passthrough); float64 tensors keep float32 offsets with a
+  16-bit exponent, so no magnitude overflows or flushes to zero;
 * a 1-bit mask stored beside the codes where a backward tests the saved tensor against thresholds
   that are not a group minimum (LeakyReLU/PReLU/ELU: ``x > 0``; ReLU6/Hardtanh: ``min < x < max``);
 * max-pool indices kept exact in the narrowest integer type, dropout masks at one bit per element;
@@ -59,9 +65,9 @@ class QuantPayload:
     """A quantized tensor: packed codes, per-group fp16 ``lo``/``step`` with an int8 exponent each."""
 
     codes: Tensor  # uint8 [G, group_size * bits / 8]
-    lo: Tensor  # float16 [G]
-    step: Tensor  # float16 [G]
-    exponent: Tensor  # int8 [G]: lo and step are relative to 2**exponent
+    lo: Tensor  # float16 [G] (float32 for float64 tensors), relative to 2**exponent; see _quantize_chunk
+    step: Tensor  # float16 [G] (float32), negative for a zero-based group
+    exponent: Tensor  # int8 [G] (int16); its smallest value marks a constant group (exact bits in lo/step)
     mask: BitMask | None  # extra routing bit per element, see _mask_kind
     bits: int
     numel: int
@@ -85,6 +91,12 @@ def _meta_types(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype, torch.dty
     if dtype == torch.float64:
         return torch.float64, torch.float32, torch.int16, 1021
     return torch.float32, torch.float16, torch.int8, 127
+
+
+def _smallest_positive(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The smallest positive (subnormal) value of ``dtype``, as a 0-d tensor on ``device``."""
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.nextafter(zero, torch.ones_like(zero))
 
 
 def _round_to(values: Tensor, dtype: torch.dtype, direction: float) -> Tensor:
@@ -116,12 +128,56 @@ def _join_bits(high: Tensor, low: Tensor, work: torch.dtype) -> Tensor:
     return wide.view(work)
 
 
+#: work per chunk of the torch path: temporaries never exceed a few times this, whatever the tensor's size
+CHUNK_BYTES = 4 << 20
+
+
+def _rows_per_chunk(group_size: int) -> int:
+    return max(1, CHUNK_BYTES // (group_size * 4))
+
+
+def _empty_payload(groups: int, group_size: int, bits: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, meta, exp_dtype, _ = _meta_types(dtype)
+    return (torch.empty(groups, group_size * bits // 8, dtype=torch.uint8, device=device),
+            torch.empty(groups, dtype=meta, device=device), torch.empty(groups, dtype=meta, device=device),
+            torch.empty(groups, dtype=exp_dtype, device=device))
+
+
+def quantize_into(groups: Tensor, bits: int, stochastic: bool, generator: torch.Generator | None,
+                  out: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """:func:`quantize_groups` written into ``out`` chunk by chunk (bounded temporaries); returns a device
+    boolean that is ``True`` when every group was finite (no host sync here)."""
+    rows = _rows_per_chunk(groups.shape[1])
+    finite = torch.ones((), dtype=torch.bool, device=groups.device)
+    for start in range(0, groups.shape[0], rows):
+        part = _quantize_chunk(groups[start:start + rows], bits, stochastic, generator)
+        for target, value in zip(out, part[:4]):
+            target[start:start + rows] = value
+        finite &= part[4]
+    return finite
+
+
 def quantize_groups(
     groups: Tensor, bits: int, stochastic: bool, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Reference per-group quantizer: ``[G, S]`` floats -> (codes ``uint8 [G, S*bits/8]``, lo, step, exponent).
 
-    Returns ``None`` when a group holds NaN or Inf (the caller keeps the tensor as it is). ``lo`` and
+    Works through the groups in chunks of :data:`CHUNK_BYTES`, so its temporaries stay bounded.
+    Returns ``None`` when a group holds NaN or Inf. See :func:`_quantize_chunk` for the format.
+    """
+    out = _empty_payload(groups.shape[0], groups.shape[1], bits, groups.dtype, groups.device)
+    if not bool(quantize_into(groups, bits, stochastic, generator, out)):
+        return None
+    return out
+
+
+def _quantize_chunk(
+    groups: Tensor, bits: int, stochastic: bool, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantize ``[g, S]`` groups: (codes ``uint8 [g, S*bits/8]``, lo, step, exponent, all-finite flag).
+
+    The flag is a 0-d device boolean, ``False`` when a group holds NaN or Inf. ``lo`` and
     ``step`` are stored relative to ``2**exponent`` (the exponent of the group's largest magnitude), as
     float16 with an int8 exponent (float32 with an int16 exponent for float64 tensors). Three kinds of
     group:
@@ -139,15 +195,16 @@ def quantize_groups(
     x = groups.to(work)
     levels = (1 << bits) - 1
     mn, mx = torch.aminmax(x, dim=1)
-    if not bool((torch.isfinite(mn) & torch.isfinite(mx)).all()):
-        return None
+    finite = (torch.isfinite(mn) & torch.isfinite(mx)).all()
+    mn = torch.where(torch.isfinite(mn), mn, torch.zeros_like(mn))  # the flag rejects the result anyway
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     amax = torch.maximum(mn.abs(), mx.abs())
     exponent = torch.frexp(amax).exponent.clamp(-emax, emax)
     inv_scale = torch.ldexp(torch.ones_like(amax), -exponent)
     constant = mn == mx
     zero_based = (mn == 0) & (mx > 0)
     positive = x > 0
-    smallest = torch.nextafter(torch.zeros((), dtype=meta), torch.ones((), dtype=meta))
+    smallest = _smallest_positive(meta, x.device)
     if bits > 1:
         low = torch.where(positive, x, torch.full_like(x, float("inf"))).amin(1)
     else:
@@ -185,13 +242,31 @@ def quantize_groups(
     step = torch.where(constant, low_bits, step)
     sentinel = torch.iinfo(exp_dtype).min
     exponent = torch.where(constant, torch.full_like(exponent, sentinel), exponent).to(exp_dtype)
-    return codes, lo, step, exponent
+    return codes, lo, step, exponent, finite
 
 
 def dequantize_groups(
+    codes: Tensor, lo: Tensor, step: Tensor, exponent: Tensor, bits: int, dtype: torch.dtype,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Reference inverse of :func:`quantize_groups`: ``[G, S]`` of ``dtype``, finite, within the dtype's range.
+
+    Decodes chunk by chunk straight into ``out`` (allocated if not given): the one full-size tensor.
+    """
+    group_size = codes.shape[1] * 8 // bits
+    if out is None:
+        out = torch.empty(codes.shape[0], group_size, dtype=dtype, device=codes.device)
+    rows = _rows_per_chunk(group_size)
+    for start in range(0, codes.shape[0], rows):
+        end = start + rows
+        out[start:end] = _dequantize_chunk(codes[start:end], lo[start:end], step[start:end],
+                                           exponent[start:end], bits, dtype)
+    return out
+
+
+def _dequantize_chunk(
     codes: Tensor, lo: Tensor, step: Tensor, exponent: Tensor, bits: int, dtype: torch.dtype
 ) -> Tensor:
-    """Reference inverse of :func:`quantize_groups`: ``[G, S]`` of ``dtype``, finite, within the dtype's range."""
     work, _, exp_dtype, _ = _meta_types(dtype)
     q = unpack_bits(codes, bits).to(work)
     constant = (exponent == torch.iinfo(exp_dtype).min).unsqueeze(1)
@@ -205,7 +280,7 @@ def dequantize_groups(
     finfo = torch.finfo(dtype)
     x = x.clamp_(-finfo.max, finfo.max)
     # positives stay positive in a narrow dtype (exact ReLU masks)
-    smallest = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)).to(work)
+    smallest = _smallest_positive(dtype, codes.device).to(work)
     positive = torch.where(zero_based, q > 0, lo_f > 0)
     x = torch.where(positive, x.clamp(min=smallest), x)
     exact = _join_bits(lo, step, work).unsqueeze(1)
@@ -322,7 +397,7 @@ class QuantCodec(Codec):
             stochastic = bits <= 4 if self._stochastic_option is None else self._stochastic_option
         x = tensor.detach()
         flat, order = memory_order(x)
-        quantized = self._quantize(_grouped(flat, self.group_size), bits, stochastic)
+        quantized = self._quantize(flat, bits, stochastic)
         if quantized is None:
             return tensor  # NaN or Inf: kept as it is (the engine counts it as passthrough)
         codes, lo, step, exponent = quantized
@@ -337,16 +412,24 @@ class QuantCodec(Codec):
         return QuantPayload(codes, lo, step, exponent, mask, bits, flat.numel(), tuple(x.shape), order,
                             x.dtype, kind, bounds)
 
-    def _quantize(self, groups: Tensor, bits: int, stochastic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        ext = use_cuda_kernel(KERNEL, groups) if groups.dtype != torch.float64 else None
+    def _quantize(self, flat: Tensor, bits: int, stochastic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Quantize a flat tensor in groups of ``group_size`` (the last one padded by its last value)."""
+        size = self.group_size
+        full, rest = divmod(flat.numel(), size)
+        ext = use_cuda_kernel(KERNEL, flat) if flat.dtype != torch.float64 else None
         if ext is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu")))) if stochastic else 0
-            codes, lo, step, exponent, finite = ext.pack(groups.contiguous(), bits, stochastic, seed)
-            if not bool(finite):
-                return None
-            return codes, lo, step, exponent
-        gen = self.generator(groups.device) if stochastic else None
-        return quantize_groups(groups, bits, stochastic, gen)
+            codes, lo, step, exponent, finite = ext.pack(_grouped(flat, size).contiguous(), bits, stochastic, seed)
+            return (codes, lo, step, exponent) if bool(finite) else None
+        gen = self.generator(flat.device) if stochastic else None
+        out = _empty_payload(full + (1 if rest else 0), size, bits, flat.dtype, flat.device)
+        # the full groups are a view of the tensor; only the last, partial group is copied and padded
+        finite = quantize_into(flat[: full * size].view(full, size), bits, stochastic, gen,
+                               tuple(o[:full] for o in out))
+        if rest:
+            finite &= quantize_into(_grouped(flat[full * size:], size), bits, stochastic, gen,
+                                    tuple(o[full:] for o in out))
+        return out if bool(finite) else None
 
     def decode(self, payload: Any) -> Tensor:
         if not isinstance(payload, QuantPayload):
