@@ -204,6 +204,20 @@ def test_fp16_values_near_the_maximum_stay_finite(name, options):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", ["dct", "wavelet"])
+def test_fp16_transform_coefficients_beyond_the_fp16_range_are_not_clipped(name):
+    # a 16x16 DCT block (or 3 wavelet levels) gathers up to 16x the largest value into one coefficient
+    x = torch.full((1, 2, 16, 16), 60000.0, dtype=torch.float16)
+    out = _decode(name, {"compression_ratio": 2}, x)
+    torch.testing.assert_close(out.float(), x.float(), rtol=1e-3, atol=0)
+
+
+def test_blpa_keeps_the_relu_mask_of_a_channel_whose_variance_underflows():
+    x = torch.tensor([[[[1e-30, 0.0, 0.0, 0.0]]]])
+    out = _decode("blpa", {"bits": 4}, x, nn.ReLU())
+    assert torch.equal(out > 0, x > 0)
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_keeps_fp64_range(scale, bits):

@@ -8,6 +8,8 @@ groups, subnormal and huge values included), ``finite`` is 0 when any group hold
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -316,7 +318,7 @@ def test_resnet_gradients_close_on_gpu(backend):
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
-    base = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    base = grads(contextlib.nullcontext())  # plain PyTorch, no hooks
     kernels.set_backend(backend)
     try:
         got = grads(compress_activations(model, bits=8))

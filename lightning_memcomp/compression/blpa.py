@@ -98,8 +98,11 @@ def blpa_quantize(
     flat_channels = xf.transpose(0, 1).reshape(xf.shape[1], -1)
     lo, hi = torch.aminmax(flat_channels, dim=1)
     constant = lo == hi  # var may be a rounding error above 0 for equal values
-    sigma = var.sqrt()
-    delta = torch.where(constant, torch.zeros_like(sigma), window * sigma / n)
+    # a spread so small that its variance underflows (values near 1e-30) falls back on half the range, and
+    # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
+    sigma = torch.where(var > 0, var.sqrt(), (hi - lo) / 2)
+    smallest = torch.nextafter(torch.zeros((), dtype=work, device=x.device), torch.ones((), dtype=work, device=x.device))
+    delta = torch.where(constant, torch.zeros_like(sigma), (window * sigma / n).clamp(min=smallest))
     t = mu.clone() if threshold is None else threshold.to(work)
     t = torch.where(constant, lo, t)
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))

@@ -46,6 +46,7 @@ _SIGN_MODULES: tuple[type[nn.Module], ...] = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn
 _BAND_MODULES: tuple[type[nn.Module], ...] = (nn.Hardtanh,)  # ReLU6 is a Hardtanh
 _EXACT_MODULES: tuple[type[nn.Module], ...] = (nn.Hardswish, nn.Hardsigmoid, nn.Threshold, nn.Hardshrink,
                                                nn.Softshrink)
+_FP16_SAFE = 32768.0  # scaled float16 values stay below this, so the cast never rounds to Inf
 _VALUE_DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -83,6 +84,7 @@ class TopKPayload:
     masks: tuple[Tensor, ...]
     bounds: tuple[float, float] | None
     memory_format: torch.memory_format
+    value_scale: Tensor | None = None  # 0-d: float16 values were stored times this power of two
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +196,13 @@ class TopKCodec(Codec):
             rows = x.shape[0] if self.per_sample and x.dim() >= 2 else 1
             k = self.keep_count(x.numel() // rows)
             value_dtype = self.value_dtype or x.dtype
+            value_scale = None
+            if value_dtype == torch.float16:
+                # an orthogonal transform gathers up to sqrt(block) times the largest value into one
+                # coefficient: scale by a power of two so no kept value exceeds float16's range (no sync)
+                amax = coeffs.abs().amax().float()
+                value_scale = torch.exp2(-torch.ceil(torch.log2(amax / _FP16_SAFE)).clamp(min=0))
+                coeffs = coeffs * value_scale.to(coeffs.dtype)
             kept = keep_topk(coeffs.reshape(rows, -1), k, value_dtype=value_dtype)
             masks: tuple[Tensor, ...] = ()
             bounds = None
@@ -205,13 +214,15 @@ class TopKCodec(Codec):
                 masks = (pack_bits(flat <= lo), pack_bits(flat >= hi))
                 bounds = (lo, hi)
         return TopKPayload(kept, tuple(coeffs.shape), tuple(x.shape), x.dtype, meta, mode, masks, bounds,
-                           _memory_format(x))
+                           _memory_format(x), value_scale)
 
     def decode(self, payload: Tensor | TopKPayload) -> Tensor:
         if isinstance(payload, Tensor):
             return payload
         with torch.no_grad():
             dense = payload.coeffs.to_dense().reshape(payload.coeff_shape)
+            if payload.value_scale is not None:
+                dense = dense.to(torch.promote_types(dense.dtype, torch.float32)) / payload.value_scale
             x = self.inverse_transform(dense, payload.meta, payload.shape)
             finfo = torch.finfo(payload.dtype)
             if finfo.max < torch.finfo(x.dtype).max:  # a reconstruction never rounds to Inf
@@ -227,7 +238,7 @@ class TopKCodec(Codec):
         shape = payload.shape
         if payload.mode in ("positive", "sign"):
             inside = unpack_bits(payload.masks[0], n).reshape(shape)
-            tiny = torch.finfo(x.dtype).tiny
+            tiny = torch.nextafter(x.new_zeros(()), x.new_ones(()))  # the smallest positive (subnormal) value
             outside = x.new_zeros(()) if payload.mode == "positive" else x.clamp_max(0)
             return torch.where(inside, x.clamp_min(tiny), outside)
         assert payload.bounds is not None
