@@ -95,8 +95,7 @@ def blpa_quantize(
     var, mu = torch.var_mean(xf, dim=dims, correction=0)
     if not bool((torch.isfinite(var) & torch.isfinite(mu)).all()):
         return None
-    flat_channels = xf.transpose(0, 1).reshape(xf.shape[1], -1)
-    lo, hi = torch.aminmax(flat_channels, dim=1)
+    lo, hi = torch.amin(xf, dim=dims), torch.amax(xf, dim=dims)  # per channel, no copy of x
     constant = lo == hi  # var may be a rounding error above 0 for equal values
     # a spread so small that its variance underflows (values near 1e-30) falls back on half the range, and
     # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
@@ -114,7 +113,7 @@ def blpa_quantize(
     shift = torch.where(constant, torch.ones_like(shift), shift)
     view = x.dim()
     k = torch.ceil((xf - _channel_view(t, view)) / _channel_view(safe, view)) - 1 + _channel_view(shift, view)
-    k = torch.where(_channel_view(constant, view), torch.zeros_like(k), k)
+    k.masked_fill_(_channel_view(constant, view), 0)  # in place: no second full-size temporary
     codes = k.clamp_(0, n - 1).to(torch.uint8)
     return codes, t, delta, shift.to(torch.uint8)
 
