@@ -67,6 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memcomp.bandlimit.functional import FFT_SIZES as BAND_FFT_SIZES
+from lightning_memcomp.memory.readings import peak_rss, reset_peak_rss
 
 __all__ = [
     "METHOD_KINDS",
@@ -473,16 +474,8 @@ class _MemoryProbe:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
-        self.peak_available = self.cuda or self._reset_hwm()
+        self.peak_available = self.cuda or reset_peak_rss()
 
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
 
     def settle(self) -> None:
         gc.collect()
@@ -503,7 +496,7 @@ class _MemoryProbe:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.peak_available:
-            self._reset_hwm()
+            reset_peak_rss()
 
     def peak(self, start: int, resident: int) -> int | None:
         """The step's peak: ``max_memory_allocated`` on CUDA (absolute); on CPU the peak resident set
@@ -511,13 +504,8 @@ class _MemoryProbe:
         steps (parameters, buffers, optimizer state, the batch), so both devices count the same things."""
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
-        if not self.peak_available:
-            return None
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 - start + resident
-        return None
+        peak = peak_rss() if self.peak_available else None
+        return None if peak is None else peak - start + resident
 
 
 def _resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *tensors: Tensor) -> int:

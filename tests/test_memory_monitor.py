@@ -66,10 +66,20 @@ def test_scalars_are_written_on_the_cadence(fitted) -> None:
     trainer, _ = fitted
     acc = _events(trainer)
     expected = {"memory/held_raw_mib", "memory/held_stored_mib", "memory/held_ratio", "memory/rss_mib",
-                "memory/rss_forward_delta_mib"}
+                "memory/rss_forward_delta_mib", "memory/peak_mib"}
     assert expected <= set(acc.Tags()["scalars"])
     assert set(acc.Tags()["scalars"]) <= set(KEYS)
     assert [e.step for e in acc.Scalars("memory/held_raw_mib")] == [0, 2, 4]
+
+
+def test_cpu_step_peak_is_logged_from_vmhwm(fitted) -> None:
+    trainer, monitor = fitted
+    acc = _events(trainer)
+    peaks = [e.value for e in acc.Scalars("memory/peak_mib")]
+    rss = [e.value for e in acc.Scalars("memory/rss_mib")]
+    assert len(peaks) == len(rss) == 3
+    # VmHWM is reset to the RSS at step start, so the step's peak is at least the RSS at its end
+    assert all(p >= r for p, r in zip(peaks, rss))
 
 
 def test_held_bytes_match_the_model(fitted) -> None:

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, track_saved_tensors
 from lightning_memcomp.memory.ledger import Ledger, MiB
-from lightning_memcomp.memory.readings import NVMLReader, cuda_counters, process_rss
+from lightning_memcomp.memory.readings import NVMLReader, cuda_counters, peak_rss, process_rss, reset_peak_rss
 
 __all__ = ["KEYS", "MemoryMonitor"]
 
@@ -32,7 +32,8 @@ KEYS: dict[str, str] = {
     "memory/forward_delta_mib": "after-forward minus before-forward allocated: what the forward leaves alive",
     "memory/alloc_after_backward_mib": "allocated right after backward",
     "memory/alloc_after_step_mib": "allocated after the optimizer step",
-    "memory/peak_mib": "torch.cuda.max_memory_allocated() over the step (peak reset at step start)",
+    "memory/peak_mib": "the step's peak: torch.cuda.max_memory_allocated() on CUDA; on CPU the process's peak "
+    "resident set (VmHWM, Linux), both reset at step start",
     "memory/reserved_mib": "bytes reserved by the caching allocator",
     "memory/reserved_unused_mib": "reserved minus allocated (fragmentation and cache)",
     "memory/alloc_retries": "cumulative cudaMalloc retries after freeing the cache",
@@ -51,7 +52,7 @@ _PANELS: dict[str, list[str]] = {
         "memory/reserved_mib",
         "memory/nvml_used_mib",
     ],
-    "process RSS (MiB)": ["memory/rss_mib", "memory/rss_forward_delta_mib"],
+    "process RSS (MiB)": ["memory/rss_mib", "memory/rss_forward_delta_mib", "memory/peak_mib"],
 }
 
 
@@ -122,6 +123,7 @@ class MemoryMonitor(Callback):
         self._provider: Any = None
         self._nvml: NVMLReader | None = None
         self._cuda = False
+        self._peak_rss = os.access("/proc/self/clear_refs", os.W_OK)  # VmHWM can be reset (Linux)
         self._device: torch.device | None = None
         self._step_values: dict[str, float] = {}
         self._logging = False
@@ -177,6 +179,8 @@ class MemoryMonitor(Callback):
             keys |= {k for k in KEYS if not k.startswith("memory/rss") and not k.startswith("memory/held")}
         else:
             keys |= {"memory/rss_mib", "memory/rss_forward_delta_mib"}
+            if self._peak_rss:
+                keys.add("memory/peak_mib")
         return keys
 
     # -- the step --------------------------------------------------------------------------------
@@ -193,6 +197,7 @@ class MemoryMonitor(Callback):
             torch.cuda.reset_peak_memory_stats(self._device)
             self._step_values["memory/alloc_before_forward_mib"] = torch.cuda.memory_allocated(self._device) / MiB
         else:
+            self._peak_rss = reset_peak_rss()
             self._rss_before = process_rss()
         if self._engine is not None and not self._engine.active:
             self._engine.start()
@@ -253,6 +258,9 @@ class MemoryMonitor(Callback):
                 values["memory/nvml_used_mib"] = used
         else:
             values["memory/rss_mib"] = process_rss() / MiB
+            peak = peak_rss() if self._peak_rss else None
+            if peak is not None:
+                values["memory/peak_mib"] = peak / MiB
         keys = sorted(values)
         if trainer.world_size > 1:
             reduced = trainer.strategy.reduce(

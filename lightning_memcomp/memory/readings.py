@@ -10,7 +10,7 @@ import torch
 
 from lightning_memcomp.memory.ledger import MiB
 
-__all__ = ["NVMLReader", "cuda_counters", "process_rss"]
+__all__ = ["NVMLReader", "cuda_counters", "peak_rss", "process_rss", "reset_peak_rss"]
 
 
 def process_rss() -> int:
@@ -18,6 +18,33 @@ def process_rss() -> int:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (``VmHWM``) to its current RSS (Linux: ``/proc/self/clear_refs``).
+
+    Returns whether it could (``False`` elsewhere, or where ``/proc`` is read-only); only then does
+    :func:`peak_rss` give the peak since this call.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """The process's peak resident set (``VmHWM``) in bytes, since start or the last :func:`reset_peak_rss`;
+    ``None`` where ``/proc/self/status`` does not report it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def cuda_counters(device: torch.device) -> dict[str, float]:
