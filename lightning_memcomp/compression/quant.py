@@ -203,14 +203,19 @@ def _quantize_chunk(
     inv_scale = torch.ldexp(torch.ones_like(amax), -exponent)
     constant = mn == mx
     zero_based = (mn == 0) & (mx > 0)
-    positive = x > 0
     smallest = _smallest_positive(meta, x.device)
-    if bits > 1:
-        low = torch.where(positive, x, torch.full_like(x, float("inf"))).amin(1)
-    else:
-        count = positive.sum(1).clamp(min=1)
-        low = torch.where(positive, x, torch.zeros_like(x)).sum(1) / count
-    low = torch.where(zero_based, low, mn) * inv_scale
+    zrows = _rows(zero_based)
+    low = mn.clone()
+    positive = None
+    if zrows is not None:  # the smallest (at 1 bit the mean) positive value of zero-based groups
+        xz = x[zrows]
+        positive = xz > 0
+        if bits > 1:
+            low[zrows] = torch.where(positive, xz, xz.new_full((), float("inf"))).amin(1)
+        else:
+            low[zrows] = torch.where(positive, xz, xz.new_zeros(())).sum(1) / positive.sum(1).clamp(min=1)
+        del xz
+    low = low * inv_scale
     lo = _round_to(low, meta, float("-inf"))
     if bits == 1:
         lo = torch.where(zero_based, low.to(meta), lo)  # the mean positive value, to nearest
@@ -222,19 +227,26 @@ def _quantize_chunk(
         step = torch.where(zero_based, torch.zeros_like(step), step)
     lo_f = lo.to(work).unsqueeze(1)
     step_f = torch.where(step > 0, step, torch.ones_like(step)).to(work).unsqueeze(1)
-    v = (x * inv_scale.unsqueeze(1) - lo_f) / step_f
+    v = x * inv_scale.unsqueeze(1)  # the one full-size float temporary (plus the random draws)
+    v.sub_(lo_f).div_(step_f)
     if stochastic:
-        v = v + torch.rand(v.shape, device=v.device, dtype=work, generator=generator)
-        q = v.floor_()
+        v.add_(torch.rand(v.shape, device=v.device, dtype=work, generator=generator)).floor_()
     else:
-        q = v.round_()
-    zb = zero_based.unsqueeze(1)
-    q = torch.where(zb, q.clamp(0, max(levels - 1, 0)) + 1, q.clamp(0, levels))
-    if bits == 1:
-        q = torch.where(zb, torch.ones_like(q), q)
-    q = torch.where(zb & ~positive, torch.zeros_like(q), q)
-    q = torch.where(constant.unsqueeze(1), torch.zeros_like(q), q)
-    codes = pack_bits(q.to(torch.uint8), bits)
+        v.round_()
+    v.clamp_(0, levels)
+    if zrows is not None:  # zero-based: 0 for zeros, 1 .. levels for positives
+        vz = v[zrows]
+        if bits == 1:
+            vz.fill_(1)
+        else:
+            vz.clamp_(max=levels - 1).add_(1)
+        vz.masked_fill_(~positive, 0)
+        if not isinstance(zrows, slice):
+            v[zrows] = vz
+    crows = _rows(constant)
+    if crows is not None:
+        v[crows] = 0
+    codes = pack_bits(v.to(torch.uint8), bits)
     # the flags: a negative step marks a zero-based group, the smallest exponent a constant one
     step = torch.where(zero_based, -step, step)
     high, low_bits = _split_bits(mn, meta)
@@ -243,6 +255,16 @@ def _quantize_chunk(
     sentinel = torch.iinfo(exp_dtype).min
     exponent = torch.where(constant, torch.full_like(exponent, sentinel), exponent).to(exp_dtype)
     return codes, lo, step, exponent, finite
+
+
+def _rows(mask: Tensor) -> Tensor | slice | None:
+    """The rows where ``mask`` holds: ``None`` (none), ``slice(None)`` (all: views, no copies) or indices."""
+    count = int(mask.sum())
+    if count == 0:
+        return None
+    if count == mask.numel():
+        return slice(None)
+    return mask.nonzero().squeeze(1)
 
 
 def dequantize_groups(
@@ -268,23 +290,41 @@ def _dequantize_chunk(
     codes: Tensor, lo: Tensor, step: Tensor, exponent: Tensor, bits: int, dtype: torch.dtype
 ) -> Tensor:
     work, _, exp_dtype, _ = _meta_types(dtype)
-    q = unpack_bits(codes, bits).to(work)
-    constant = (exponent == torch.iinfo(exp_dtype).min).unsqueeze(1)
-    zero_based = torch.signbit(step).unsqueeze(1) & ~constant
+    q = unpack_bits(codes, bits).to(work)  # the one full-size float temporary, decoded in place
+    constant = exponent == torch.iinfo(exp_dtype).min
+    zero_based = torch.signbit(step) & ~constant
     scale = torch.ldexp(torch.ones(exponent.shape, dtype=work, device=codes.device),
-                        torch.where(constant.squeeze(1), 0, exponent.to(torch.int32))).unsqueeze(1)
+                        torch.where(constant, 0, exponent.to(torch.int32))).unsqueeze(1)
     lo_f = lo.to(work).unsqueeze(1)
     step_f = step.to(work).abs().unsqueeze(1)
-    x = (lo_f + torch.where(zero_based, q - 1, q) * step_f) * scale
-    x = torch.where(zero_based & (q == 0), torch.zeros_like(x), x)
+    zrows = _rows(zero_based)
+    zeros = None
+    if zrows is not None:  # zero-based groups: code 0 is an exact zero, code k >= 1 grid point k - 1
+        qz = q[zrows]
+        zeros = qz == 0
+        qz.sub_(1)
+        if not isinstance(zrows, slice):
+            q[zrows] = qz
+    x = q.mul_(step_f).add_(lo_f).mul_(scale)
     finfo = torch.finfo(dtype)
-    x = x.clamp_(-finfo.max, finfo.max)
+    if finfo.max < torch.finfo(work).max:
+        x.clamp_(-finfo.max, finfo.max)
     # positives stay positive in a narrow dtype (exact ReLU masks)
     smallest = _smallest_positive(dtype, codes.device).to(work)
-    positive = torch.where(zero_based, q > 0, lo_f > 0)
-    x = torch.where(positive, x.clamp(min=smallest), x)
-    exact = _join_bits(lo, step, work).unsqueeze(1)
-    x = torch.where(constant, exact, x)
+    if zrows is not None:
+        xz = x[zrows]
+        xz.clamp_(min=smallest).masked_fill_(zeros, 0)
+        if not isinstance(zrows, slice):
+            x[zrows] = xz
+    prows = _rows(~zero_based & ~constant & (lo_f.squeeze(1) > 0))
+    if prows is not None:
+        if isinstance(prows, slice):
+            x.clamp_(min=smallest)
+        else:
+            x[prows] = x[prows].clamp(min=smallest)
+    crows = _rows(constant)
+    if crows is not None:
+        x[crows] = _join_bits(lo, step, work)[crows].unsqueeze(1)
     return x.to(dtype)
 
 
