@@ -30,6 +30,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """Run single-threaded: on a shared 2-core machine, intra-op threads thrash (5-10x slower steps on
+    small tensors); use with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """scikit-learn digits at 32x32, 1 channel: {"train"|"val"|"test": (x, y)}."""

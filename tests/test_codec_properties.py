@@ -124,13 +124,7 @@ TINY = {  # value scales of the "tiny" kind per dtype (fp16 1e-6 and fp32/bf16 1
 HUGE = {torch.bfloat16: 1e30, torch.float32: 1e30, torch.float64: 1e200}  # fp16: +-60000..65504
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Single-threaded: the tensors are tiny, and intra-op threads only thrash on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # -- examples ------------------------------------------------------------------------------------------

@@ -30,13 +30,7 @@ LAMBDAS = [1000, 100, 10, 2.5, 1.4, 1.1, 1]
 CTX = SaveContext("layer", None)
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Run single-threaded: on a shared 2-core machine, intra-op threads thrash (5-10x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # parameter-gradient cosine to plain PyTorch at lambda 10 on SmallCNN, batch 4, measured over seeds 0-4:

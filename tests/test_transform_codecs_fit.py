@@ -16,13 +16,7 @@ from lightning_memcomp.compression.callback import ActivationCompression
 STEPS_PER_EPOCH = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Run single-threaded: on a shared 2-core machine, intra-op threads thrash (5-10x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 class DigitsModule(pl.LightningModule):
