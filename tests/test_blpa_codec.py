@@ -168,3 +168,14 @@ def test_torchvision_resnet_gradients_close_at_eight_bits():
     got = grads(engine)
     assert engine.ledger.ratio > 3.5
     assert torch.nn.functional.cosine_similarity(got, base, dim=0) > 0.999
+
+
+def test_channel_statistics_combined_over_chunks_equal_the_whole_tensor():
+    from lightning_memcomp.compression.blpa import _channel_var_mean
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 4, 8, 8) * 3 + 100).half()
+    var, mean = _channel_var_mean(x, torch.float32, rows=7)  # 10 chunks, the last one short
+    ref_var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)

@@ -45,7 +45,7 @@ from lightning_memcomp.compression.bitpack import (
     unpack_bits,
     unpack_mask,
 )
-from lightning_memcomp.compression.quant import _HARDTANH_TYPES, _apply_mask, _smallest_positive
+from lightning_memcomp.compression.quant import CHUNK_BYTES, _HARDTANH_TYPES, _apply_mask, _smallest_positive
 from lightning_memcomp.memory.engine import Codec, SaveContext
 
 __all__ = ["BLPACodec", "BLPAPayload", "blpa_dequantize", "blpa_quantize"]
@@ -90,12 +90,12 @@ def blpa_quantize(
     """
     n = 1 << bits
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(work)
-    dims = [d for d in range(x.dim()) if d != 1]
-    var, mu = torch.var_mean(xf, dim=dims, correction=0)
+    rows = _rows_per_chunk(x)
+    var, mu = _channel_var_mean(x, work, rows)
     if not bool((torch.isfinite(var) & torch.isfinite(mu)).all()):
         return None
-    lo, hi = torch.amin(xf, dim=dims), torch.amax(xf, dim=dims)  # per channel, no copy of x
+    dims = [d for d in range(x.dim()) if d != 1]
+    lo, hi = torch.amin(x, dim=dims).to(work), torch.amax(x, dim=dims).to(work)  # exact, no copy of x
     constant = lo == hi  # var may be a rounding error above 0 for equal values
     # a spread so small that its variance underflows (values near 1e-30) falls back on half the range, and
     # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
@@ -112,21 +112,63 @@ def blpa_quantize(
         shift = torch.round((t - mu) / safe + n / 2).clamp(1, n - 1)
     shift = torch.where(constant, torch.ones_like(shift), shift)
     view = x.dim()
-    k = torch.ceil((xf - _channel_view(t, view)) / _channel_view(safe, view)) - 1 + _channel_view(shift, view)
-    k.masked_fill_(_channel_view(constant, view), 0)  # in place: no second full-size temporary
-    codes = k.clamp_(0, n - 1).to(torch.uint8)
+    t_v, safe_v = _channel_view(t, view), _channel_view(safe, view)
+    offset_v, constant_v = _channel_view(shift - 1, view), _channel_view(constant, view)
+    codes = torch.empty_like(x, dtype=torch.uint8)  # the layout of x
+    for start in range(0, x.shape[0], rows):  # a few MiB of float temporaries at a time
+        k = (x[start:start + rows].to(work) - t_v).div_(safe_v).ceil_().add_(offset_v)
+        codes[start:start + rows] = k.masked_fill_(constant_v, 0).clamp_(0, n - 1)
     return codes, t, delta, shift.to(torch.uint8)
+
+
+def _rows_per_chunk(x: Tensor) -> int:
+    """Samples (first dimension) per chunk: about :data:`~lightning_memcomp.compression.quant.CHUNK_BYTES` of
+    float32 work."""
+    per_sample = max(1, x[0].numel() * 4)
+    return max(1, CHUNK_BYTES // per_sample)
+
+
+def _channel_var_mean(x: Tensor, work: torch.dtype, rows: int) -> tuple[Tensor, Tensor]:
+    """Per-channel population variance and mean over every dimension but 1, chunk by chunk along the first
+    (Chan et al.'s pairwise combination), so a float16 tensor is never copied whole to float32."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    count, mean, m2 = 0, None, None
+    for start in range(0, x.shape[0], rows):
+        part = x[start:start + rows].to(work)
+        size = part.numel() // part.shape[1]
+        var_b, mean_b = torch.var_mean(part, dim=dims, correction=0)
+        if mean is None:
+            count, mean, m2 = size, mean_b, var_b * size
+            continue
+        total = count + size
+        diff = mean_b - mean
+        mean = mean + diff * (size / total)
+        m2 = m2 + var_b * size + diff * diff * (count * size / total)
+        count = total
+    return m2 / count, mean
 
 
 def blpa_dequantize(
     codes: Tensor, threshold: Tensor, delta: Tensor, shift: Tensor, relu: bool, dtype: torch.dtype
 ) -> Tensor:
     """Bin centres ``t + (k - s + 1/2) * delta``, passed through the ReLU for a ReLU's output; finite and within
-    ``dtype``'s range (a channel of width 0 decodes to its exact value)."""
+    ``dtype``'s range (a channel of width 0 decodes to its exact value). Decoded chunk by chunk into the one
+    output tensor."""
+    out = torch.empty_like(codes, dtype=dtype)
+    rows = _rows_per_chunk(codes)
+    for start in range(0, codes.shape[0], rows):
+        out[start:start + rows] = _dequantize_rows(codes[start:start + rows], threshold, delta, shift, relu, dtype)
+    return out
+
+
+def _dequantize_rows(
+    codes: Tensor, threshold: Tensor, delta: Tensor, shift: Tensor, relu: bool, dtype: torch.dtype
+) -> Tensor:
     view = codes.dim()
     work = threshold.dtype
-    k = codes.to(work) - _channel_view(shift.to(work), view) + 0.5
-    x = _channel_view(threshold, view) + k * _channel_view(delta.to(work), view)
+    k = codes.to(work).sub_(_channel_view(shift.to(work), view) - 0.5)
+    x = k * _channel_view(delta.to(work), view)
+    x.add_(_channel_view(threshold, view))
     finfo = torch.finfo(dtype)
     x = x.clamp_(-finfo.max, finfo.max)
     if relu:
