@@ -91,15 +91,16 @@ def blpa_quantize(
     n = 1 << bits
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = _rows_per_chunk(x)
-    var, mu = _channel_var_mean(x, work, rows)
-    if not bool((torch.isfinite(var) & torch.isfinite(mu)).all()):
-        return None
     dims = [d for d in range(x.dim()) if d != 1]
     lo, hi = torch.amin(x, dim=dims).to(work), torch.amax(x, dim=dims).to(work)  # exact, no copy of x
-    constant = lo == hi  # var may be a rounding error above 0 for equal values
-    # a spread so small that its variance underflows (values near 1e-30) falls back on half the range, and
+    if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+        return None
+    std, mu = _channel_std_mean(x, work, rows, torch.maximum(lo.abs(), hi.abs()))
+    if not bool((torch.isfinite(std) & torch.isfinite(mu)).all()):
+        return None
+    constant = lo == hi  # the spread may be a rounding error above 0 for equal values
     # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
-    sigma = torch.where(var > 0, var.sqrt(), (hi - lo) / 2)
+    sigma = torch.where(std > 0, std, (hi - lo) / 2)
     smallest = torch.nextafter(torch.zeros((), dtype=work, device=x.device), torch.ones((), dtype=work, device=x.device))
     delta = torch.where(constant, torch.zeros_like(sigma), (window * sigma / n).clamp(min=smallest))
     t = mu.clone() if threshold is None else threshold.to(work)
@@ -128,13 +129,21 @@ def _rows_per_chunk(x: Tensor) -> int:
     return max(1, CHUNK_BYTES // per_sample)
 
 
-def _channel_var_mean(x: Tensor, work: torch.dtype, rows: int) -> tuple[Tensor, Tensor]:
-    """Per-channel population variance and mean over every dimension but 1, chunk by chunk along the first
-    (Chan et al.'s pairwise combination), so a float16 tensor is never copied whole to float32."""
+def _channel_std_mean(x: Tensor, work: torch.dtype, rows: int, amax: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel population standard deviation and mean over every dimension but 1, chunk by chunk along
+    the first (Chan et al.'s pairwise combination), so a float16 tensor is never copied whole to float32.
+
+    Each channel is scaled by a power of two that brings its largest magnitude near 1, so squares of tiny
+    values (1e-30 in float32) do not underflow and those of huge ones do not overflow.
+    """
     dims = [d for d in range(x.dim()) if d != 1]
+    limit = 1021 if work == torch.float64 else 126
+    exponent = torch.frexp(amax).exponent.clamp(-limit, limit)
+    scale = torch.ldexp(torch.ones_like(amax), -exponent)
+    scale_v = _channel_view(scale, x.dim())
     count, mean, m2 = 0, None, None
     for start in range(0, x.shape[0], rows):
-        part = x[start:start + rows].to(work)
+        part = x[start:start + rows].to(work) * scale_v
         size = part.numel() // part.shape[1]
         var_b, mean_b = torch.var_mean(part, dim=dims, correction=0)
         if mean is None:
@@ -145,7 +154,7 @@ def _channel_var_mean(x: Tensor, work: torch.dtype, rows: int) -> tuple[Tensor, 
         mean = mean + diff * (size / total)
         m2 = m2 + var_b * size + diff * diff * (count * size / total)
         count = total
-    return m2 / count, mean
+    return (m2 / count).sqrt() / scale, mean / scale
 
 
 def blpa_dequantize(
