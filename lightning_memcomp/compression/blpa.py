@@ -116,8 +116,13 @@ def blpa_quantize(
     t_v, safe_v = _channel_view(t, view), _channel_view(safe, view)
     offset_v, constant_v = _channel_view(shift - 1, view), _channel_view(constant, view)
     codes = torch.empty_like(x, dtype=torch.uint8)  # the layout of x
+    shift_v = _channel_view(shift, view)
     for start in range(0, x.shape[0], rows):  # a few MiB of float temporaries at a time
-        k = (x[start:start + rows].to(work) - t_v).div_(safe_v).ceil_().add_(offset_v)
+        part = x[start:start + rows].to(work)
+        k = (part - t_v).div_(safe_v).ceil_().add_(offset_v)
+        # a value just above the threshold whose distance to it underflows (subnormal activations in a wide
+        # channel) still takes the first bin above: the recovered mask stays exact
+        k = torch.where(part > t_v, torch.maximum(k, shift_v), k)
         codes[start:start + rows] = k.masked_fill_(constant_v, 0).clamp_(0, n - 1)
     return codes, t, delta, shift.to(torch.uint8)
 
