@@ -59,7 +59,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,7 @@ class BenchConfig:
     checkpoint_modules: tuple[str, ...] | None = None
     band_fft_size: str = "power2"
     timeout: float = 3600.0
+    peak_batch: int | None = None
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -272,6 +273,10 @@ class BenchConfig:
             raise ValueError(f"--lr={self.lr} is not allowed; use a positive learning rate")
         if self.timeout <= 0:
             raise ValueError(f"--timeout={self.timeout} is not allowed; use a positive number of seconds")
+        if self.peak_batch is not None and (self.peak_batch < 2 or (
+                self.batch_size is not None and self.peak_batch <= self.batch_size)):
+            raise ValueError(f"--peak-batch={self.peak_batch} is not allowed; use a batch size larger than "
+                             f"--batch-size ({self.batch_size or 'the network default'})")
         if self.band_fft_size not in BAND_FFT_SIZES:
             raise ValueError(f"--band-fft-size={self.band_fft_size!r} is not allowed; use one of "
                              f"{', '.join(BAND_FFT_SIZES)}")
@@ -537,6 +542,8 @@ class MethodResult:
     held_raw_bytes: int | None = None
     after_forward_bytes: int | None = None
     step_peak_bytes: int | None = None
+    #: with --peak-batch: (peak at the larger batch - peak at --batch-size) / (difference of the batch sizes)
+    peak_per_sample_bytes: float | None = None
     step_time_s: float | None = None
     baseline_step_time_s: float | None = None
     step_time_alone_s: float | None = None
@@ -546,6 +553,8 @@ class MethodResult:
     held_ratio: float | None = None
     after_forward_ratio: float | None = None
     step_peak_ratio: float | None = None
+    #: the baseline's peak per sample over this method's: how many times larger a batch fits
+    batch_multiplier: float | None = None
     time_ratio: float | None = None
     params_ratio: float | None = None
     pareto: bool = False
@@ -626,7 +635,10 @@ class _Prepared:
             yield ledger
 
 
-def _random_batch(spec: NetworkSpec, device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
+def _random_batch(spec: NetworkSpec, device: torch.device, seed: int, batch: int | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    if batch is not None:
+        spec = replace(spec, batch_size=batch)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(spec.input_shape, generator=gen)
     if spec.task == "classification":
@@ -679,6 +691,24 @@ def _train_step(prep: _Prepared, x: Tensor, y: Tensor, probe: _MemoryProbe, *, m
     return step
 
 
+def _peak_per_sample(cfg: BenchConfig, spec: NetworkSpec, prep: _Prepared, probe: _MemoryProbe,
+                     device: torch.device, peak_small: int | None) -> float | None:
+    """The step peak's slope in the batch size: peak at ``cfg.peak_batch`` (after a warm-up step there) minus
+    the peak at the network's batch, over the difference. Weights, optimizer state, libraries and workspace
+    cancel; what remains is what one more sample costs at the step's peak."""
+    if cfg.peak_batch is None or peak_small is None:
+        return None
+    if cfg.peak_batch <= spec.batch_size:
+        raise ValueError(f"--peak-batch={cfg.peak_batch} is not allowed; use a batch size larger than "
+                         f"{spec.batch_size}")
+    x, y = _random_batch(spec, device, cfg.seed, cfg.peak_batch)
+    _train_step(prep, x, y, probe, measure=False)
+    peaks = [_train_step(prep, x, y, probe, measure=True).peak for _ in range(min(cfg.steps, 2))]
+    if any(p is None for p in peaks):
+        return None
+    return (max(peaks) - peak_small) / (cfg.peak_batch - spec.batch_size)  # type: ignore[type-var]
+
+
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
@@ -719,6 +749,8 @@ def run_worker(cfg: BenchConfig, method: Method) -> MethodResult:
     result.step_peak_bytes = max(peaks) if peaks else None
     result.step_time_alone_s = _median([s.time_s for s in measured])
     result.step_time_s = result.step_time_alone_s
+    if cfg.peak_batch is not None:
+        result.peak_per_sample_bytes = _peak_per_sample(cfg, spec, prep, probe, device, result.step_peak_bytes)
     if cfg.timing == "interleaved" and method.kind != "baseline":
         torch.manual_seed(cfg.seed)
         base = _Prepared(Method("baseline"), spec, cfg, device, ledger=False)
@@ -813,7 +845,7 @@ def _config_argv(cfg: BenchConfig) -> list[str]:
             "--band-fft-size", cfg.band_fft_size]
     for option, value in (("--batch-size", cfg.batch_size), ("--input-size", cfg.input_size),
                           ("--in-channels", cfg.in_channels), ("--num-classes", cfg.num_classes),
-                          ("--threads", cfg.threads)):
+                          ("--threads", cfg.threads), ("--peak-batch", cfg.peak_batch)):
         if value is not None:
             argv += [option, str(value)]
     if cfg.csg_slice:
@@ -857,6 +889,7 @@ def add_ratios(results: list[MethodResult], timing: str = "interleaved") -> None
         r.held_ratio = _ratio(r.held_bytes, base.held_bytes)
         r.after_forward_ratio = _ratio(r.after_forward_bytes, base.after_forward_bytes)
         r.step_peak_ratio = _ratio(r.step_peak_bytes, base.step_peak_bytes)
+        r.batch_multiplier = _ratio(base.peak_per_sample_bytes, r.peak_per_sample_bytes)
         r.params_ratio = _ratio(r.trainable_params, base.trainable_params)
         if r is base:
             r.time_ratio = 1.0
@@ -982,19 +1015,35 @@ COLUMNS = ("method", "held MiB", "x base", "after-fwd MiB", "x base", "step peak
            "x base", "params", "x base", "accuracy")
 
 
-def _row(r: MethodResult) -> list[str]:
+PER_SAMPLE_COLUMNS = ("peak/sample MiB", "batch x")
+
+
+def _has_per_sample(results: Sequence[MethodResult]) -> bool:
+    return any(r.peak_per_sample_bytes is not None for r in results)
+
+
+def _per_sample_cells(r: MethodResult) -> list[str]:
+    per_sample = None if r.peak_per_sample_bytes is None else r.peak_per_sample_bytes / 2**20
+    return [_num(per_sample, ".2f"), _x(r.batch_multiplier)]
+
+
+def _row(r: MethodResult, per_sample: bool = False) -> list[str]:
+    columns = COLUMNS + (PER_SAMPLE_COLUMNS if per_sample else ())
     if r.status != "ok":
-        return [r.method, f"{r.status}: {r.error}"] + [""] * (len(COLUMNS) - 2)
-    return [r.method, _mib(r.held_bytes), _x(r.held_ratio), _mib(r.after_forward_bytes), _x(r.after_forward_ratio),
-            _mib(r.step_peak_bytes), _x(r.step_peak_ratio), _num(r.step_time_s, ".3f"), _x(r.time_ratio),
-            _num(r.trainable_params, ","), _x(r.params_ratio), _num(r.accuracy, ".1f")]
+        return [r.method, f"{r.status}: {r.error}"] + [""] * (len(columns) - 2)
+    cells = [r.method, _mib(r.held_bytes), _x(r.held_ratio), _mib(r.after_forward_bytes), _x(r.after_forward_ratio),
+             _mib(r.step_peak_bytes), _x(r.step_peak_ratio), _num(r.step_time_s, ".3f"), _x(r.time_ratio),
+             _num(r.trainable_params, ","), _x(r.params_ratio), _num(r.accuracy, ".1f")]
+    return cells + (_per_sample_cells(r) if per_sample else [])
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-    """The terminal table: figures and their ratios to the baseline."""
-    rows = [list(COLUMNS)] + [_row(r) for r in results]
+    """The terminal table: figures and their ratios to the baseline (with --peak-batch, peak per sample too)."""
+    per_sample = _has_per_sample(results)
+    header = list(COLUMNS + (PER_SAMPLE_COLUMNS if per_sample else ()))
+    rows = [header] + [_row(r, per_sample) for r in results]
     ok_rows = [row for row, r in zip(rows[1:], results) if r.status == "ok"]
-    widths = [max(len(row[i]) for row in [rows[0], *ok_rows]) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in [rows[0], *ok_rows]) for i in range(len(header))]
     lines = []
     for i, row in enumerate(rows):
         if i and results[i - 1].status != "ok":
@@ -1043,6 +1092,7 @@ def format_markdown(results: Sequence[MethodResult], cfg: BenchConfig, spec: Net
     """The markdown report: machine, settings, the table with ratios, the methods and what failed."""
     memory = "process RSS growth (MALLOC_MMAP_THRESHOLD_=65536)" if info["device"].startswith("cpu") else \
         "torch.cuda.memory_allocated"
+    per_sample = _has_per_sample(results)
     peak = ("peak RSS (VmHWM, reset each step) above the step's start, plus the parameters, buffers, optimizer "
             "state and batch that live across steps" if info["device"].startswith("cpu")
             else "torch.cuda.max_memory_allocated, reset each step")
@@ -1060,21 +1110,26 @@ def format_markdown(results: Sequence[MethodResult], cfg: BenchConfig, spec: Net
         f"- held = bytes kept for backward (saved-tensor ledger); after-fwd = {memory}; step peak = {peak}",
         "",
         "| method | held MiB | held x | after-fwd MiB | after-fwd x | step peak MiB | peak x | step s | time x "
-        "| params | params x | accuracy | Pareto |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "| params | params x | accuracy | Pareto |" + (" peak/sample MiB | batch x |" if per_sample else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|" + ("---:|---:|" if per_sample else ""),
     ]
     for r in results:
         if r.status != "ok":
-            lines.append(f"| {r.method} | {r.status}: {r.error} |" + " |" * 12)
+            lines.append(f"| {r.method} | {r.status}: {r.error} |" + " |" * (14 if per_sample else 12))
             continue
         lines.append(
             f"| {r.method} | {_mib(r.held_bytes)} | {_x(r.held_ratio)} | {_mib(r.after_forward_bytes)} | "
             f"{_x(r.after_forward_ratio)} | {_mib(r.step_peak_bytes)} | {_x(r.step_peak_ratio)} | "
             f"{_num(r.step_time_s, '.3f')} | {_x(r.time_ratio)} | {_num(r.trainable_params, ',')} | "
             f"{_x(r.params_ratio)} | {_num(r.accuracy, '.1f')} | {'yes' if r.pareto else ''} |"
+            + ("".join(f" {c} |" for c in _per_sample_cells(r)) if per_sample else "")
         )
     metric = next((r.accuracy_metric for r in results if r.accuracy_metric), "")
     lines += ["", "x = ratio to the baseline row; Pareto = no other row holds fewer bytes for backward and is faster."]
+    if per_sample:
+        lines.append(f"peak/sample = (step peak at batch {cfg.peak_batch} - step peak at batch {spec.batch_size}) / "
+                     f"{cfg.peak_batch - spec.batch_size}; batch x = the baseline's peak/sample over the method's: "
+                     "how many times larger a batch fits.")
     if metric:
         lines.append(f"accuracy: {metric} after {cfg.accuracy_epochs} epoch(s), Adam lr 2e-3.")
     lines += ["", "| method | what it is | notes |", "|---|---|---|"]
@@ -1183,6 +1238,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's length) or minimal (the padded input size: exact, and the smallest in memory)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size (default: 128 for classifiers, 2 for 3-D and 8 for 2-D segmenters, 32 for tiny_cnn)")
+    p.add_argument("--peak-batch", type=int, default=None,
+                   help="a second, larger batch size: measure the step peak at both in one process and report "
+                        "the peak per sample (the slope: weights, optimizer state and workspace cancel) and the "
+                        "batch multiplier, the baseline's peak per sample over the method's (how many times larger "
+                        "a batch fits)")
     p.add_argument("--input-size", type=int, default=None,
                    help="spatial side of the input (default: 32 for classifiers, 64 for 3-D, 128 for 2-D segmenters)")
     p.add_argument("--in-channels", type=int, default=None,
@@ -1238,7 +1298,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         num_classes=args.num_classes, steps=args.steps, warmup=args.warmup, timing=args.timing,
         accuracy_epochs=args.accuracy_epochs, device=args.device, seed=args.seed, threads=args.threads, lr=args.lr,
         csg_slice=slice_shape, csg_code_size=args.csg_code_size, checkpoint_modules=modules,
-        band_fft_size=args.band_fft_size, timeout=args.timeout,
+        band_fft_size=args.band_fft_size, timeout=args.timeout, peak_batch=args.peak_batch,
     )
     cfg.validate()
     return cfg

@@ -234,6 +234,35 @@ def test_small_run_writes_markdown_with_the_machine_and_a_png(small_run: tuple[i
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_peak_per_sample_at_two_batch_sizes_and_the_batch_multiplier(tmp_path: Path) -> None:
+    from lightning_memcomp.cli import main as memcomp
+
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        status = memcomp(["bench", *SMALL, "--methods", "baseline,quant:2", "--steps", "1", "--warmup", "1",
+                          "--peak-batch", "64", "--timing", "isolated", "--out", str(tmp_path), "--no-progress"])
+    assert status == 0
+    rows = _rows(tmp_path)
+    base, quant = rows["baseline"], rows["quant:2"]
+    base_ps, quant_ps = float(base["peak_per_sample_bytes"]), float(quant["peak_per_sample_bytes"])
+    # per sample: at least the input (3x32x32 fp32) and more than the activations quant keeps at 2 bits
+    assert 3 * 32 * 32 * 4 < quant_ps < base_ps
+    assert float(base["batch_multiplier"]) == pytest.approx(1.0)
+    assert float(quant["batch_multiplier"]) == pytest.approx(base_ps / quant_ps)
+    assert "peak/sample MiB" in buffer.getvalue()
+    text = (tmp_path / "bench_tiny_cnn_cpu.md").read_text()
+    assert "batch x" in text and "(step peak at batch 64 - step peak at batch 8) / 56" in text
+
+
+@pytest.mark.parametrize("value", [1, 8, 4])
+def test_peak_batch_must_exceed_the_batch_size(value: int) -> None:
+    with pytest.raises(ValueError, match="--peak-batch"):
+        BenchConfig(network="tiny_cnn", batch_size=8, peak_batch=value).validate()
+
+
 def test_csv_round_trip_keeps_numbers_and_missing_cells(tmp_path: Path) -> None:
     rows = [MethodResult("baseline", held_bytes=100, step_time_s=1.5, pareto=True),
             MethodResult("quant:4", status="failed", error="boom, with a comma")]
