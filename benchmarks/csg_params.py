@@ -1,33 +1,33 @@
 """Trainable parameters of He et al.'s CIFAR ResNet-56 with slice generators (Omidvar et al., 2021, Table 1).
 
-Run: ``python benchmarks/csg_params.py`` (writes ``benchmarks/results/csg_params.md``).
+Run: ``python benchmarks/csg_params.py`` (writes ``benchmarks/results/csg_params.md``, or ``--out PATH``).
 
 For each configuration: the measured trainable parameter count after ``slice_generate``, the count
 from the paper's formula computed on the unconverted network (codes ``ceil(out/s0) * ceil(in/s1) *
 code_size`` for every 3x3 convolution but the first, plus the generator when it is trained, plus the
 parameters left ordinary), the figure printed in the paper's Table 1, and the ratio. Also the CPU
 time of a training step (forward + backward, batch 32) relative to the unconverted network,
-interleaved in one process (generating the filters costs time; the convolutions are unchanged).
+interleaved in one process (generating the filters costs time; the convolutions are unchanged), timed with
+``lightning_memcomp.bench.timing`` (``train_step``, ``interleaved``).
 """
 
 from __future__ import annotations
 
-import datetime
+import argparse
 import math
-import platform
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lightning_memcomp import slice_generate
+from lightning_memcomp.bench.machine import machine_summary
+from lightning_memcomp.bench.report import format_ratio, markdown_table
+from lightning_memcomp.bench.timing import interleaved, median, train_step
+from lightning_memcomp.surgery import count_parameters
+from recipes.classification.networks_cifar import resnet56_cifar, resnet_cifar_he
 
-from lightning_memcomp import slice_generate  # noqa: E402
-from lightning_memcomp.surgery import count_parameters  # noqa: E402
-from recipes.classification.networks_cifar import resnet56_cifar, resnet_cifar_he  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PAPER = {"baseline": 853_018, "CSG-[16,16,3,3]-128": 347_162, "CSG-[12,12,3,3]-72": 160_450,
          "BCSG-[16,16,3,3]-1024": 381_978, "CSG-[16,16,3,3]-128, pre-trained on ResNet-20, frozen": 52_250}
@@ -58,15 +58,10 @@ def configurations() -> list[tuple[str, dict, tuple[int, ...] | None, int, bool]
     ]
 
 
-def step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    start = time.perf_counter()
-    loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
-
-
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "csg_params.md")
+    args = parser.parse_args()
     torch.manual_seed(0)
     rows, models = [], {}
     for name, options, shape, code_size, trained in configurations():
@@ -78,31 +73,21 @@ def main() -> None:
         rows.append((name, measured, expected, PAPER[name], PAPER["baseline"] / measured))
         models[name] = model.train()
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():  # warm-up
-        step_time(model, x, y)
-    for _ in range(5):  # interleaved: the machine is shared, only ratios in one process are meaningful
-        for name, model in models.items():
-            times[name].append(step_time(model, x, y))
-    base = sorted(times["baseline"])[2]
-    header = "| configuration | trainable params (measured) | formula | paper Table 1 | ratio | step time vs baseline |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
-    for name, measured, expected, paper, ratio in rows:
-        rel = sorted(times[name])[2] / base
-        lines.append(f"| {name} | {measured:,} | {expected:,} | {paper:,} | {ratio:.2f}x | {rel:.2f} |")
-    table = "\n".join(lines)
+    # interleaved, after a warm-up round: the machine is shared, only ratios in one process are meaningful
+    times = interleaved({name: (lambda m=model: train_step(m, x, y)) for name, model in models.items()}, 5, warmup=1)
+    base = median(times["baseline"])
+    table = markdown_table(
+        ["configuration", "trainable params (measured)", "formula", "paper Table 1", "ratio", "step time vs baseline"],
+        [[name, f"{measured:,}", f"{expected:,}", f"{paper:,}", format_ratio(ratio),
+          f"{median(times[name]) / base:.2f}"] for name, measured, expected, paper, ratio in rows])
     print(table)
     assert all(r[1] == r[2] == r[3] for r in rows), "a measured count differs from the formula or the paper"
 
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
     text = f"""# CSG/BCSG parameter counts: CIFAR ResNet-56 (He et al., option-A shortcuts)
 
 Command: `python benchmarks/csg_params.py`
 
-- Machine: {cpu}, {torch.get_num_threads()} torch threads ({len(__import__('os').sched_getaffinity(0))} cores
-  visible), shared with other jobs; no GPU was lent to this task (CPU only).
-- torch {torch.__version__}, Python {platform.python_version()}; date {datetime.date.today().isoformat()}.
+- Machine: {machine_summary(load=True)}; {torch.get_num_threads()} torch threads.
 - Counted: parameters with `requires_grad` (the generator counts when it is trained; a binary or
   pre-trained frozen generator does not). Formula: sum over converted convolutions (every 3x3 one
   but the first) of `ceil(out/s0) * ceil(in/s1) * code_size`, plus `prod(slice_shape) * code_size`
@@ -113,10 +98,9 @@ Command: `python benchmarks/csg_params.py`
 
 {table}
 """
-    out = ROOT / "benchmarks" / "results" / "csg_params.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out.relative_to(ROOT)}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

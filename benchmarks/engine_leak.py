@@ -9,7 +9,8 @@ For each codec (``track``: ``track_saved_tensors``, identity codec; ``NAME[:BITS
 trains the network for ``--steps`` SGD steps (fixed random batch, cross-entropy, momentum 0.9) inside
 ONE open engine (``with engine:`` around the whole loop). After every step it records, after
 ``gc.collect()``: the live ``torch.Tensor`` objects in ``gc.get_objects()``, the engine's per-storage
-cache (``len(engine._regions)``, and the regions in it) and the process RSS (psutil).
+cache (``len(engine._regions)``, and the regions in it) and the process RSS, read with
+``lightning_memcomp.bench.probes`` (``live_tensors``, ``rss``) in ``bench.process.run_fresh`` workers.
 
 A row passes when the live tensors and both cache figures at the last step are no larger than at step 10,
 and the RSS grows by less than 5 MiB from step 10 to the last step. Writes a markdown table to ``--out``
@@ -19,22 +20,22 @@ and exits non-zero if any row fails.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
-import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import torch
 
-MiB = 1024 * 1024
+from lightning_memcomp.bench.machine import machine_summary
+from lightning_memcomp.bench.networks import TinyCNN
+from lightning_memcomp.bench.probes import live_tensors, rss
+from lightning_memcomp.bench.process import MMAP_THRESHOLD, WorkerFailed, emit, run_fresh
+from lightning_memcomp.bench.report import MiB, markdown_table
+from lightning_memcomp.bench.timing import train_step
+
 WARM = 10  # the step the last one is compared with
 RSS_LIMIT_MIB = 5.0
-MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 COUNTS = ("tensors", "cache_keys", "regions")  # must not grow after step WARM
 
 
@@ -44,11 +45,7 @@ def build_network(name: str) -> torch.nn.Module:
 
         return torchvision.models.resnet18(num_classes=10)
     if name == "tiny":
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(256, 10),
-        )
+        return TinyCNN(in_channels=3, num_classes=10)
     raise ValueError(f"--network={name!r} is not known; allowed: resnet18, tiny")
 
 
@@ -64,12 +61,11 @@ def build_engine(spec: str, model: torch.nn.Module):
 
 
 def measure(engine) -> dict[str, float]:
-    gc.collect()
     return {
-        "tensors": sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)),
+        "tensors": live_tensors(),  # after gc.collect()
         "cache_keys": len(engine._regions),
         "regions": sum(len(r) for r in engine._regions.values()),
-        "rss_mib": psutil.Process().memory_info().rss / MiB,
+        "rss_mib": rss() / MiB,
     }
 
 
@@ -82,46 +78,32 @@ def worker(args: argparse.Namespace) -> None:
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
     engine = build_engine(args.worker, model)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-
     records = []
     with engine:
         for _ in range(args.steps):
-            step()
+            train_step(model, x, y, opt)
             records.append(measure(engine))
-    print(json.dumps(records))
+    emit(records)
 
 
 def run_worker(args: argparse.Namespace, codec: str, mmap: bool) -> list[dict[str, float]]:
-    env = {k: v for k, v in os.environ.items() if k not in MMAP_ENV}
-    env.update(MMAP_ENV if mmap else {})
-    cmd = [sys.executable, __file__, "--worker", codec, "--network", args.network, "--steps", str(args.steps),
+    cmd = [__file__, "--worker", codec, "--network", args.network, "--steps", str(args.steps),
            "--batch", str(args.batch), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"worker {codec} (mmap={mmap}) failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_fresh(cmd, mmap_threshold=MMAP_THRESHOLD if mmap else None)
+    except WorkerFailed as err:
+        sys.exit(f"worker {codec} (mmap={mmap}) failed:\n{err.stderr}")
 
 
-def row(codec: str, mmap: bool, records: list[dict[str, float]]) -> tuple[str, bool]:
+def row(codec: str, mmap: bool, records: list[dict[str, float]]) -> tuple[list[str], bool]:
     warm, last = records[WARM - 1], records[-1]
     growth = last["rss_mib"] - warm["rss_mib"]
     ok = all(last[k] <= warm[k] for k in COUNTS) and growth < RSS_LIMIT_MIB
     peak = max(r["rss_mib"] for r in records[WARM - 1:])
-    cells = [codec, "65536" if mmap else "unset", *(f"{warm[k]} / {last[k]}" for k in COUNTS),
+    cells = [codec, MMAP_THRESHOLD if mmap else "unset", *(f"{warm[k]} / {last[k]}" for k in COUNTS),
              f"{records[0]['rss_mib']:.1f}", f"{warm['rss_mib']:.1f}", f"{last['rss_mib']:.1f}", f"{peak:.1f}",
              f"{growth:+.2f}", "PASS" if ok else "FAIL"]
-    return "| " + " | ".join(cells) + " |", ok
-
-
-def machine(threads: int) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads, "
-            f"{datetime.date.today().isoformat()}")
+    return cells, ok
 
 
 def main() -> int:
@@ -141,32 +123,31 @@ def main() -> int:
         worker(args)
         return 0
     command = shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]])
-    lines = [
-        "| codec | MALLOC_MMAP_THRESHOLD_ | live tensors (10 / last) | cache keys (10 / last) | regions (10 / last) "
-        "| RSS step 1 (MiB) | RSS step 10 | RSS last | RSS max 10..last | RSS growth 10..last | result |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    rows = []
     failed = False
     for codec in args.codecs.split(","):
         for mmap in (False, True):
-            setting = MMAP_ENV["MALLOC_MMAP_THRESHOLD_"] if mmap else "unset"
+            setting = MMAP_THRESHOLD if mmap else "unset"
             print(f"running {codec}, MALLOC_MMAP_THRESHOLD_={setting} ...", file=sys.stderr, flush=True)
-            line, ok = row(codec, mmap, run_worker(args, codec, mmap))
+            cells, ok = row(codec, mmap, run_worker(args, codec, mmap))
             failed |= not ok
-            lines.append(line)
+            rows.append(cells)
+    table = markdown_table(["codec", "MALLOC_MMAP_THRESHOLD_", "live tensors (10 / last)", "cache keys (10 / last)",
+                            "regions (10 / last)", "RSS step 1 (MiB)", "RSS step 10", "RSS last", "RSS max 10..last",
+                            "RSS growth 10..last", "result"], rows, "llrrrrrrrrl")
     report = "\n".join([
         "# Saved-tensor engine left open across training steps (CPU)",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {machine(args.threads)}.",
+        f"Machine: {machine_summary()}; {args.threads} torch threads per worker.",
         "",
         f"Network {args.network}, batch {args.batch}x3x32x32, {args.steps} SGD steps inside one open engine, each "
         "codec in a fresh process. Figures after each step (after `gc.collect()`). PASS: live tensors and the "
         f"engine cache at the last step <= at step {WARM}, and RSS growth from step {WARM} to the last "
         f"< {RSS_LIMIT_MIB:g} MiB.",
         "",
-        *lines,
+        table,
         "",
     ])
     print(report)

@@ -4,23 +4,24 @@
 
 Both runs fit the CIFAR-style ResNet-18 (recipes/classification/networks_cifar.py) on random 32x32
 data in the same process, interleaved, with the same TensorBoard logger; MemoryMonitor logs every
-step (its most expensive setting) and tracks saved tensors itself. Prints a markdown table.
+step (its most expensive setting) and tracks saved tensors itself. Steps are timed by
+``lightning_memcomp.bench.callbacks.StepTimer``; prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import tempfile
-import time
-from datetime import date
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_memcomp import MemoryMonitor
+from lightning_memcomp.bench.callbacks import StepTimer
+from lightning_memcomp.bench.machine import machine_summary
+from lightning_memcomp.bench.report import markdown_table
+from lightning_memcomp.bench.timing import median
 from recipes.classification.networks_cifar import resnet18_cifar
 
 
@@ -35,17 +36,6 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter() - self._t)
 
 
 def run(steps: int, batch: int, monitor: bool, root: str) -> list[float]:
@@ -70,13 +60,13 @@ def main() -> None:
         for _ in range(args.repeats):
             without += run(args.steps, args.batch, False, root)
             with_ += run(args.steps, args.batch, True, root)
-    base, mon = statistics.median(without), statistics.median(with_)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    base, mon = median(without), median(with_)
     print(f"MemoryMonitor overhead, ResNet-18 (CIFAR), batch {args.batch}, {args.steps} steps x {args.repeats}, "
-          f"CPU {cpu} ({torch.get_num_threads()} threads), torch {torch.__version__}, {date.today()}")
-    print("| run | median step (s) | ratio |\n|---|---:|---:|")
-    print(f"| without MemoryMonitor | {base:.4f} | 1.000 |")
-    print(f"| with MemoryMonitor(every_n_steps=1) | {mon:.4f} | {mon / base:.3f} |")
+          f"{torch.get_num_threads()} threads; machine: {machine_summary(load=True)}")
+    print(markdown_table(["run", "median step (s)", "ratio"], [
+        ["without MemoryMonitor", f"{base:.4f}", "1.000"],
+        ["with MemoryMonitor(every_n_steps=1)", f"{mon:.4f}", f"{mon / base:.3f}"],
+    ]))
 
 
 if __name__ == "__main__":

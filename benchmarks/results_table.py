@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
+
+from lightning_memcomp.bench.report import format_ratio, markdown_table, read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -19,24 +20,20 @@ NETWORKS = (("ResNet-18", "bench_resnet18_cifar_cpu.csv"), ("3-D UNet", "bench_u
 BEGIN, END = "<!-- results-table: begin -->", "<!-- results-table: end -->"
 
 
-def _rows(name: str) -> dict[str, dict[str, str]]:
-    with open(RESULTS / name, newline="") as f:
-        return {row["method"]: row for row in csv.DictReader(f)}
-
-
 def table() -> str:
-    data = [(label, _rows(name)) for label, name in NETWORKS]
+    """The README table: each method's held-for-backward and step-time ratios on each network, as the
+    benchmark's report writes ratios."""
+    data = [(label, {r.method: r for r in read_csv(RESULTS / name)}) for label, name in NETWORKS]
     methods = list(dict.fromkeys(m for _, rows in data for m in rows))
     header = ["method"] + [f"{label} {column}" for label, _ in data for column in ("held", "step time")]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    rows = []
     for method in methods:
         cells = [f"`{method}`"]
-        for _, rows in data:
-            row = rows.get(method)
-            for key in ("held_ratio", "time_ratio"):
-                cells.append(f"{float(row[key]):.2f}x" if row and row.get(key) else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for _, results in data:
+            r = results.get(method)
+            cells += [format_ratio(r.held_ratio if r else None), format_ratio(r.time_ratio if r else None)]
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def main() -> int:

@@ -1,0 +1,85 @@
+"""A method applied to a network: the model, its optimizer, and the context each forward runs in."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lightning_memcomp.bench.checkpointing import checkpoint_blocks
+from lightning_memcomp.bench.config import BenchConfig
+from lightning_memcomp.bench.methods import CODEC_OF, Method
+from lightning_memcomp.bench.networks import NetworkSpec
+
+__all__ = ["PreparedModel"]
+
+
+class PreparedModel:
+    """A network with the method applied, its optimizer, and the context to enter around each forward."""
+
+    def __init__(self, method: Method, spec: NetworkSpec, cfg: BenchConfig, device: torch.device,
+                 ledger: bool) -> None:
+        from lightning_memcomp.memory.engine import track_saved_tensors
+        from lightning_memcomp.surgery import count_parameters
+
+        self.method = method
+        self.device = device
+        self.notes: list[str] = []
+        model = spec.build().to(device)
+        model.train()
+        kind = method.kind
+        if kind == "checkpoint":
+            wrapped = checkpoint_blocks(model, cfg.checkpoint_modules)
+            self.notes.append(f"{len(wrapped)} blocks checkpointed")
+        elif kind == "bandlimit":
+            from lightning_memcomp.bandlimit import band_limit
+
+            with warnings.catch_warnings():  # skipped layers are counted in the notes instead
+                warnings.simplefilter("ignore")
+                report = band_limit(model, compress_rate=method.value, fft_size=cfg.band_fft_size)
+            self.notes.append(f"{len(report.converted)} convs band-limited (fft_size={cfg.band_fft_size}), "
+                              f"{len(report.skipped)} skipped")
+        elif kind in ("csg", "bcsg"):
+            from lightning_memcomp.csg import slice_generate
+
+            slice_shape = cfg.csg_slice or (16, 16, *(3,) * spec.spatial_dims)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = slice_generate(model, slice_shape=slice_shape, code_size=cfg.csg_code_size,
+                                        binary=kind == "bcsg")
+            self.notes.append(
+                f"{len(report.converted)} convs slice-generated (slice {'x'.join(map(str, slice_shape))}, "
+                f"code {cfg.csg_code_size}), {len(report.skipped)} kept (first conv, 1x1, other kernels)"
+            )
+        self.model = model
+        self.params = count_parameters(model)
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                         momentum=0.9)
+        self.engine: Any = None
+        if kind in CODEC_OF:
+            from lightning_memcomp.compression.api import compress_activations
+
+            options: dict[str, Any] = {}
+            if kind in ("quant", "blpa"):
+                options["bits"] = int(method.value)  # type: ignore[arg-type]
+            else:
+                options["compression_ratio"] = float(method.value)  # type: ignore[arg-type]
+            self.engine = compress_activations(model, codec=CODEC_OF[kind], **options)
+        elif ledger:
+            self.engine = track_saved_tensors(model)
+        self.autocast = kind == "bf16"
+
+    @contextlib.contextmanager
+    def forward_context(self, with_ledger: bool) -> Iterator[Any]:
+        """The method's forward context; ``with_ledger`` adds the tracker for methods without their own engine."""
+        with contextlib.ExitStack() as stack:
+            ledger = None
+            if self.engine is not None and (with_ledger or self.method.kind in CODEC_OF):
+                ledger = stack.enter_context(self.engine)
+            if self.autocast:
+                stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+            yield ledger
+
