@@ -269,3 +269,43 @@ def test_csv_round_trip_keeps_numbers_and_missing_cells(tmp_path: Path) -> None:
     bench.write_csv(rows, tmp_path / "r.csv")
     back = bench.read_csv(tmp_path / "r.csv")
     assert back == rows
+
+
+# -- the memory floor stand-in -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_floor_holds_what_quant_holds_and_decodes_to_zeros(bits: int) -> None:
+    """``floor:B`` is only useful if it holds exactly a quant payload: compare the ledgers on one network."""
+    from lightning_memcomp import compress_activations
+    from lightning_memcomp.bench.floor import FloorCodec
+
+    torch.manual_seed(0)
+    model = bench.TinyCNN()
+    x = torch.randn(4, 1, 32, 32)
+    with compress_activations(model, codec="quant", bits=bits) as quant_ledger:
+        model(x).sum().backward()
+    seen: list[torch.Tensor] = []
+    codec = FloorCodec(bits=bits)
+    original = codec.decode
+
+    def decode(payload):  # type: ignore[no-untyped-def]
+        out = original(payload)
+        seen.append(out)
+        return out
+
+    codec.decode = decode  # type: ignore[method-assign]
+    with compress_activations(model, codec=codec) as floor_ledger:
+        model(x).sum().backward()
+    assert floor_ledger.raw_bytes == quant_ledger.raw_bytes
+    assert floor_ledger.stored_bytes == quant_ledger.stored_bytes
+    floats = [t for t in seen if t.is_floating_point()]
+    assert floats and all(not t.any() for t in floats)
+
+
+def test_floor_is_a_method_with_bits() -> None:
+    method = parse_method("floor:2")
+    assert (method.kind, method.value) == ("floor", 2.0)
+    assert "no real gradients" in method.description
+    with pytest.raises(ValueError, match="bits=3"):
+        parse_method("floor:3")

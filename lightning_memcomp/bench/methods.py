@@ -22,6 +22,8 @@ METHOD_KINDS: dict[str, tuple[str | None, str, str]] = {
     "bandlimit": ("rate", "band-limited FFT conv, compress_rate={v}% (Dziedzic et al. 2019)", "band-limit"),
     "csg": (None, "conv slice generator (Omidvar et al. 2021)", "slice generator"),
     "bcsg": (None, "binary conv slice generator (Omidvar et al. 2021)", "slice generator"),
+    "floor": ("bits", "memory floor of a {v}-bit codec (stand-in: holds the codes, decodes to zeros; "
+                      "no real gradients)", "reference"),
 }
 ALLOWED_BITS = (1, 2, 4, 8)
 CODEC_OF = {"quant": "quant", "blpa": "blpa", "wavelet": "wavelet", "dct": "dct", "threshold": "threshold"}
@@ -56,7 +58,7 @@ def method_help() -> str:
     return (
         "baseline, bf16, checkpoint, quant:B, blpa:B (B in 1, 2, 4, 8), wavelet:L, dct:L, threshold:L "
         "(L = compression ratio lambda >= 1), bandlimit:R (R = percent of the spectrum discarded, 0 <= R < 100), "
-        "csg, bcsg"
+        "csg, bcsg, floor:B (the memory floor of any B-bit codec: a stand-in without real gradients)"
     )
 
 
@@ -91,7 +93,7 @@ def parse_method(spec: str) -> Method:
     return Method(kind, value)
 
 
-_EXAMPLE = {"quant": "4", "blpa": "4", "wavelet": "10", "dct": "10", "threshold": "10", "bandlimit": "50"}
+_EXAMPLE = {"floor": "2", "quant": "4", "blpa": "4", "wavelet": "10", "dct": "10", "threshold": "10", "bandlimit": "50"}
 
 
 def default_methods(lambdas: Sequence[float] = (4, 10), rates: Sequence[float] = (50, 85)) -> list[Method]:

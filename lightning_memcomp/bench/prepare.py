@@ -68,6 +68,12 @@ class PreparedModel:
             else:
                 options["compression_ratio"] = float(method.value)  # type: ignore[arg-type]
             self.engine = compress_activations(model, codec=CODEC_OF[kind], **options)
+        elif kind == "floor":
+            from lightning_memcomp.bench.floor import FloorCodec
+            from lightning_memcomp.compression.api import compress_activations
+
+            self.engine = compress_activations(model, codec=FloorCodec(bits=int(method.value)))  # type: ignore[arg-type]
+            self.notes.append("stand-in: holds a quant-sized payload, decodes to zeros; its gradients are not real")
         elif ledger:
             self.engine = track_saved_tensors(model)
         self.autocast = kind == "bf16"
@@ -77,7 +83,7 @@ class PreparedModel:
         """The method's forward context; ``with_ledger`` adds the tracker for methods without their own engine."""
         with contextlib.ExitStack() as stack:
             ledger = None
-            if self.engine is not None and (with_ledger or self.method.kind in CODEC_OF):
+            if self.engine is not None and (with_ledger or self.method.kind in (*CODEC_OF, "floor")):
                 ledger = stack.enter_context(self.engine)
             if self.autocast:
                 stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
