@@ -26,6 +26,7 @@
 // frexp and signs are computed on the bits.
 
 #include <torch/extension.h>
+#include "quant_format.h"
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -34,6 +35,10 @@
 
 #include <cstdint>
 #include <vector>
+
+using memcomp_quant::check_bits;
+using memcomp_quant::check_dtype;
+using memcomp_quant::check_unpack_args;
 
 namespace {
 
@@ -376,16 +381,6 @@ void launch_unpack(const torch::Tensor& c, const torch::Tensor& lo, const torch:
       group_size, bits, total);
 }
 
-void check_bits(int64_t bits, const char* where) {
-  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, where, ": bits=", bits,
-              " is not allowed; use one of 1, 2, 4, 8");
-}
-
-void check_dtype(at::ScalarType dtype, const char* where) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, where, ": dtype ", dtype,
-              " is not supported (float32, float16, bfloat16; float64 uses the torch path)");
-}
-
 }  // namespace
 
 // groups [G, S] -> (codes uint8 [G, S*bits/8], lo f16 [G], step f16 [G], exponent i8 [G], finite u8 [])
@@ -425,15 +420,7 @@ std::vector<torch::Tensor> pack(torch::Tensor groups, int64_t bits, bool stochas
 torch::Tensor unpack(torch::Tensor codes, torch::Tensor lo, torch::Tensor step, torch::Tensor exponent,
                      int64_t bits, at::ScalarType dtype) {
   TORCH_CHECK(codes.is_cuda(), "quant_pack.unpack: codes must be a CUDA tensor");
-  check_bits(bits, "quant_pack.unpack");
-  check_dtype(dtype, "quant_pack.unpack");
-  TORCH_CHECK(codes.dim() == 2, "quant_pack.unpack: codes must be [G, group_size * bits / 8], got ", codes.sizes());
-  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && lo.scalar_type() == torch::kHalf &&
-                  step.scalar_type() == torch::kHalf && exponent.scalar_type() == torch::kChar,
-              "quant_pack.unpack: expected uint8 codes, float16 lo/step and int8 exponent");
-  const int64_t G = codes.size(0);
-  TORCH_CHECK(lo.numel() == G && step.numel() == G && exponent.numel() == G,
-              "quant_pack.unpack: lo, step and exponent need one entry per group (", G, ")");
+  const int64_t G = check_unpack_args(codes, lo, step, exponent, bits, dtype, "quant_pack.unpack");
   TORCH_CHECK(lo.device() == codes.device() && step.device() == codes.device() &&
                   exponent.device() == codes.device(),
               "quant_pack.unpack: codes, lo, step and exponent must be on the same device");

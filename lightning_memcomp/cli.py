@@ -8,6 +8,7 @@
         --trainer.callbacks+=ActivationCompression --trainer.callbacks.codec=quant --trainer.callbacks.bits=2
     memcomp test --config recipes/configs/digits_quant4.yaml --ckpt_path path/to/last.ckpt
     memcomp bench ...                                                  # the benchmark (lightning_memcomp.bench)
+    memcomp kernels --build                                            # compile the C++/CUDA kernels
 
 Models and data are given in subclass mode (``class_path: ImageClassifier``, ``class_path:
 DigitsDataModule``; any LightningModule/LightningDataModule by full import path also works). Our
@@ -254,9 +255,14 @@ def _print(text: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memcomp`` console script.
 
-    ``memcomp bench ...`` runs :func:`lightning_memcomp.bench.main`; everything else is :class:`MemcompCLI`.
+    ``memcomp bench ...`` runs :func:`lightning_memcomp.bench.main`, ``memcomp kernels ...``
+    :func:`lightning_memcomp.kernels.main` (``--build``, ``--list``); everything else is :class:`MemcompCLI`.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "kernels":
+        from lightning_memcomp import kernels
+
+        return kernels.main(args[1:])
     if args and args[0] == "bench":
         try:
             bench = importlib.import_module("lightning_memcomp.bench")

@@ -317,12 +317,20 @@ def test_conv3d_volume_network_gradients_close():
 
 @pytest.mark.slow
 def test_digits_accuracy_within_one_point_at_four_bits(small_cnn, train_digits):
-    torch.manual_seed(0)
-    base_model = small_cnn()
-    state = {k: v.clone() for k, v in base_model.state_dict().items()}
-    base = train_digits(base_model, epochs=3, seed=0)
-    model = small_cnn()
-    model.load_state_dict(state)
-    got = train_digits(model, epochs=3, seed=0, context=lambda: compress_activations(model, bits=4))
-    print(f"digits test accuracy: uncompressed {base:.4f}, quant 4-bit {got:.4f}")
-    assert got >= base - 0.01
+    # One run's test accuracy moves by about two points with the random stream alone (measured: the
+    # same 4-bit run passed on 3 of 5 rounding streams, the uncompressed one varies as much with the
+    # initialisation), so the claim is about the mean over three seeds, each pair from one init.
+    base, got = [], []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        base_model = small_cnn()
+        state = {k: v.clone() for k, v in base_model.state_dict().items()}
+        base.append(train_digits(base_model, epochs=3, seed=seed))
+        model = small_cnn()
+        model.load_state_dict(state)
+        got.append(train_digits(model, epochs=3, seed=seed,
+                                context=lambda: compress_activations(model, bits=4)))
+    mean_base, mean_got = sum(base) / 3, sum(got) / 3
+    print(f"digits test accuracy over 3 seeds: uncompressed {base} mean {mean_base:.4f}, "
+          f"quant 4-bit {got} mean {mean_got:.4f}")
+    assert mean_got >= mean_base - 0.01

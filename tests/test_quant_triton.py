@@ -374,3 +374,64 @@ def test_compiled_kernels_match_reference_on_gpu(interp, dtype):
     bad = xc.clone()
     bad[5, 7] = float("nan")
     assert not bool(quant_triton.pack(bad, 4, False, 0)[4])
+
+
+@pytest.mark.gpu
+def test_quant_codec_on_cuda_takes_triton_in_auto_and_gives_the_reference_codes(monkeypatch):
+    """``MEMCOMP_KERNELS=auto`` on a CUDA tensor runs the Triton kernels (the first CUDA variant) and gives the
+    torch reference's payload and decoded tensor for deterministic rounding."""
+    if quant_triton.interpreted():
+        pytest.skip("TRITON_INTERPRET is set for the whole session")
+    from lightning_memcomp import kernels
+    from lightning_memcomp.compression import quant
+    from lightning_memcomp.memory.engine import SaveContext
+    from lightning_memcomp.compression.quant import QuantCodec
+
+    x = torch.randn(8, 16, 33, 17, device="cuda", requires_grad=True)
+    ctx = SaveContext("conv", torch.nn.Conv2d(16, 16, 3))
+    payloads, decoded = {}, {}
+    for mode in ("auto", "torch"):
+        monkeypatch.setenv("MEMCOMP_KERNELS", mode)
+        codec = QuantCodec(bits=4, stochastic=False)
+        payloads[mode] = codec.encode(x, ctx)
+        decoded[mode] = codec.decode(payloads[mode])
+    for name in ("codes", "lo", "step", "exponent"):
+        assert torch.equal(getattr(payloads["auto"], name), getattr(payloads["torch"], name)), name
+    assert torch.equal(decoded["auto"], decoded["torch"])
+    assert "triton:quant_triton" not in kernels._failed
+    monkeypatch.setenv("MEMCOMP_KERNELS", "auto")
+    seen = []
+    monkeypatch.setattr(quant, "triton_failed", lambda name, err: seen.append(err))
+    QuantCodec(bits=2).decode(QuantCodec(bits=2).encode(x, ctx))
+    assert seen == []
+
+
+def test_quant_codec_routes_cuda_tensors_through_triton(interp, monkeypatch):
+    """The codec's CUDA route, run here on the interpreter: with a tensor that takes the CUDA branch, encode
+    and decode go through the Triton module and give the torch reference's payload and values."""
+    from lightning_memcomp.compression import quant
+    from lightning_memcomp.compression.quant import QuantCodec
+    from lightning_memcomp.memory.engine import SaveContext
+
+    x = torch.randn(4, 8, 15, 9, requires_grad=True)
+    ctx = SaveContext("conv", torch.nn.Conv2d(8, 8, 3))
+    monkeypatch.setenv("MEMCOMP_KERNELS", "torch")
+    ref = QuantCodec(bits=4, stochastic=False).encode(x, ctx)
+    ref_out = QuantCodec(bits=4, stochastic=False).decode(ref)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, op):
+            calls.append(op)
+            return getattr(interp, op)
+
+    monkeypatch.setenv("MEMCOMP_KERNELS", "auto")
+    monkeypatch.setattr(quant, "_kernels", lambda t, dtype=None: (None, True))
+    monkeypatch.setattr(quant, "use_triton_kernel", lambda name, t: Spy())
+    monkeypatch.setattr(quant, "use_cuda_kernel", lambda name, t: pytest.fail("the CUDA extension was asked"))
+    codec = QuantCodec(bits=4, stochastic=False)
+    got = codec.encode(x, ctx)
+    for name in ("codes", "lo", "step", "exponent"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert torch.equal(codec.decode(got), ref_out)
+    assert calls == ["pack", "unpack"]

@@ -22,11 +22,18 @@ reconstructed at the bin centre. Here, per channel ``c`` with batch mean ``mu`` 
 Codes are bit-packed (two 4-bit codes per byte, as in the paper). Max-pool indices, dropout masks and
 the pass mask of ReLU6/Hardtanh stay exact as in the ``quant`` codec; normalization statistics and
 other 0-/1-D tensors are never taken.
+
+For CPU tensors (float32/float16/bfloat16) the statistics, the codes and the decoding run in the C++ kernel
+``cuda/codecs_cpu.cpp`` when :mod:`lightning_memcomp.kernels` selects it (``MEMCOMP_KERNELS``): one pass for
+the statistics, one writing the packed codes, one writing the decoded tensor, no full-size temporary. The
+per-channel threshold, bin width and shift are computed here from those statistics either way (``_bins``);
+given them, the kernel's codes and decoded values are the torch path's bits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,11 +48,18 @@ from lightning_memcomp.compression.bitpack import (
     is_routing_tensor,
     memory_order,
     pack_bits,
-    pack_mask,
     unpack_bits,
     unpack_mask,
 )
-from lightning_memcomp.compression.quant import CHUNK_BYTES, _HARDTANH_TYPES, _apply_mask, _smallest_positive
+from lightning_memcomp.compression.quant import (
+    CHUNK_BYTES,
+    _HARDTANH_TYPES,
+    _apply_mask,
+    _kernels,
+    _smallest_positive,
+    batch_range,
+    threshold_mask,
+)
 from lightning_memcomp.memory.engine import Codec, SaveContext
 
 __all__ = ["BLPACodec", "BLPAPayload", "blpa_dequantize", "blpa_quantize"]
@@ -98,20 +112,7 @@ def blpa_quantize(
     std, mu = _channel_std_mean(x, work, rows, torch.maximum(lo.abs(), hi.abs()))
     if not bool((torch.isfinite(std) & torch.isfinite(mu)).all()):
         return None
-    constant = lo == hi  # the spread may be a rounding error above 0 for equal values
-    # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
-    sigma = torch.where(std > 0, std, (hi - lo) / 2)
-    smallest = torch.nextafter(torch.zeros((), dtype=work, device=x.device), torch.ones((), dtype=work, device=x.device))
-    delta = torch.where(constant, torch.zeros_like(sigma), (window * sigma / n).clamp(min=smallest))
-    t = mu.clone() if threshold is None else threshold.to(work)
-    t = torch.where(constant, lo, t)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    if relu:
-        shift = torch.ones_like(mu)
-    else:
-        # the window is centred on the mean; the clamp keeps at least one bin on each side of t
-        shift = torch.round((t - mu) / safe + n / 2).clamp(1, n - 1)
-    shift = torch.where(constant, torch.ones_like(shift), shift)
+    t, delta, shift, safe, constant = _bins(lo, hi, std, mu, threshold, bits, window, relu)
     view = x.dim()
     t_v, safe_v = _channel_view(t, view), _channel_view(safe, view)
     offset_v, constant_v = _channel_view(shift - 1, view), _channel_view(constant, view)
@@ -125,6 +126,55 @@ def blpa_quantize(
         k = torch.where(part > t_v, torch.maximum(k, shift_v), k)
         codes[start:start + rows] = k.masked_fill_(constant_v, 0).clamp_(0, n - 1)
     return codes, t, delta, shift.to(torch.uint8)
+
+
+def _bins(
+    lo: Tensor, hi: Tensor, std: Tensor, mu: Tensor, threshold: Tensor | None, bits: int, window: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per channel, from its extremes, std and mean: (threshold ``t``, bin width ``delta``, bins below the
+    threshold ``shift`` (float), the divisor ``safe`` (``delta``, 1 where 0), the constant-channel mask)."""
+    n = 1 << bits
+    constant = lo == hi  # the spread may be a rounding error above 0 for equal values
+    # a channel that is not constant always keeps a positive bin width (else every value would decode to t)
+    sigma = torch.where(std > 0, std, (hi - lo) / 2)
+    zero = mu.new_zeros(())
+    smallest = torch.nextafter(zero, zero + 1)
+    delta = torch.where(constant, torch.zeros_like(sigma), (window * sigma / n).clamp(min=smallest))
+    t = mu.clone() if threshold is None else threshold.to(mu.dtype)
+    t = torch.where(constant, lo, t)
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    if relu:
+        shift = torch.ones_like(mu)
+    else:
+        # the window is centred on the mean; the clamp keeps at least one bin on each side of t
+        shift = torch.round((t - mu) / safe + n / 2).clamp(1, n - 1)
+    shift = torch.where(constant, torch.ones_like(shift), shift)
+    return t, delta, shift, safe, constant
+
+
+def _layout(shape: tuple[int, ...], order: tuple[int, ...] | None) -> tuple[int, int, int]:
+    """A tensor of ``shape`` flattened by :func:`memory_order` (``order``) as ``[outer, channels, inner]``."""
+    dims = list(order) if order is not None else list(range(len(shape)))
+    position = dims.index(1)
+    sizes = [shape[d] for d in dims]
+    return math.prod(sizes[:position]), sizes[position], math.prod(sizes[position + 1:])
+
+
+def _blpa_encode_cpu(
+    ext: Any, x: Tensor, bits: int, threshold: Tensor | None, bn: nn.Module | None, window: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[int, ...] | None] | None:
+    """The C++ kernel's encode: (packed codes in memory order, threshold, delta, shift, order), ``None`` for a
+    tensor holding NaN or Inf. The threshold of a batch norm's input comes from the kernel's statistics."""
+    flat, order = memory_order(x)
+    layout = _layout(tuple(x.shape), order)
+    lo, hi, mu, std, finite = ext.blpa_stats(flat, *layout)
+    if not bool(finite):
+        return None
+    if bn is not None:
+        threshold = _bn_threshold(mu, std.square(), bn, x.shape[1])
+    t, delta, shift, _, _ = _bins(lo, hi, std, mu, threshold, bits, window, relu)
+    shift = shift.to(torch.uint8)
+    return ext.blpa_pack(flat, t, delta, shift, *layout, bits), t, delta, shift, order
 
 
 def _rows_per_chunk(x: Tensor) -> int:
@@ -195,11 +245,22 @@ def _dequantize_rows(
 
 def _relu_threshold(x: Tensor, bn: nn.modules.batchnorm._BatchNorm) -> Tensor | None:
     """Where ``gamma * (x - mu) / sqrt(var + eps) + beta`` crosses zero, per channel, from batch statistics."""
-    if not bn.affine or bn.weight is None or bn.bias is None or x.shape[1] != bn.num_features:
+    if not _bn_usable(bn, x.shape[1]):
         return None
     xf = x.detach().float()
     dims = [d for d in range(x.dim()) if d != 1]
     var, mu = torch.var_mean(xf, dim=dims, correction=0)
+    return _bn_threshold(mu, var, bn, x.shape[1])
+
+
+def _bn_usable(bn: nn.Module, channels: int) -> bool:
+    return bool(bn.affine and bn.weight is not None and bn.bias is not None and channels == bn.num_features)
+
+
+def _bn_threshold(mu: Tensor, var: Tensor, bn: nn.Module, channels: int) -> Tensor | None:
+    """The threshold of :func:`_relu_threshold` from the batch mean and (population) variance per channel."""
+    if not _bn_usable(bn, channels):
+        return None
     gamma = bn.weight.detach().float()
     beta = bn.bias.detach().float()
     ratio = torch.where(gamma != 0, beta / torch.where(gamma != 0, gamma, torch.ones_like(gamma)), torch.zeros_like(beta))
@@ -265,15 +326,23 @@ class BLPACodec(Codec):
         x = tensor.detach()
         relu = isinstance(module, _RELU_TYPES)
         threshold: Tensor | None = None
+        bn = module if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
         if relu or isinstance(module, _SIGN_TYPES):
             threshold = torch.zeros(x.shape[1], device=x.device)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            threshold = _relu_threshold(x, module)
         mask, bounds = None, None
         if self.exact_routing and isinstance(module, _HARDTANH_TYPES):
             bounds = (float(module.min_val), float(module.max_val))
-            flat_x, _ = memory_order(x)
-            mask = BitMask(pack_mask((flat_x > bounds[0]) & (flat_x < bounds[1])), flat_x.numel())
+            mask = threshold_mask(memory_order(x)[0], *bounds)
+        cpu, _ = _kernels(x)
+        if cpu is not None:
+            encoded = _blpa_encode_cpu(cpu, x, bits, threshold, bn, self.window, relu)
+            if encoded is None:
+                return tensor  # NaN or Inf: kept as it is (the engine counts it as passthrough)
+            packed, t, delta, shift, order = encoded
+            return BLPAPayload(packed, t, delta, shift, bits, x.numel(), tuple(x.shape), order, x.dtype, relu,
+                               mask, bounds)
+        if bn is not None:
+            threshold = _relu_threshold(x, bn)
         quantized = blpa_quantize(x, bits, threshold, self.window, relu=relu)
         if quantized is None:
             return tensor  # NaN or Inf: kept as it is (the engine counts it as passthrough)
@@ -290,12 +359,28 @@ class BLPACodec(Codec):
     def decode(self, payload: Any) -> Tensor:
         if not isinstance(payload, BLPAPayload):
             return decode_routing(payload) if not isinstance(payload, Tensor) else payload
-        flat = unpack_bits(payload.codes.view(-1, 1), payload.bits).reshape(-1)[: payload.numel]
-        codes = from_memory_order(flat, payload.shape, payload.order)
-        x = blpa_dequantize(codes, payload.threshold, payload.delta, payload.shift, payload.relu, payload.dtype)
+        cpu, _ = _kernels(payload.codes, payload.dtype)
+        if cpu is not None:  # decoded straight into the one output tensor
+            flat = cpu.blpa_unpack(payload.codes, payload.threshold, payload.delta, payload.shift, payload.relu,
+                                   payload.dtype, *_layout(payload.shape, payload.order), payload.bits)
+            x = from_memory_order(flat, payload.shape, payload.order)
+        else:
+            flat = unpack_bits(payload.codes.view(-1, 1), payload.bits).reshape(-1)[: payload.numel]
+            codes = from_memory_order(flat, payload.shape, payload.order)
+            x = blpa_dequantize(codes, payload.threshold, payload.delta, payload.shift, payload.relu, payload.dtype)
         if payload.mask is not None:
             flat_x, order = memory_order(x)
             flat_x = _apply_mask(flat_x, unpack_mask(payload.mask.bits, payload.numel), "hardtanh",
                                  payload.mask_bounds)
             x = from_memory_order(flat_x, payload.shape, order)
         return x
+
+    def decode_batch(self, payload: Any, start: int, stop: int) -> Tensor | None:
+        """Rows ``start:stop`` decoded from their own codes (the per-channel parameters are shared)."""
+        span = batch_range(payload, start, stop) if isinstance(payload, BLPAPayload) else None
+        if span is None or (span[0] * payload.bits) % 8 or (span[1] * payload.bits) % 8:
+            return None
+        first, last, shape = span
+        part = replace(payload, codes=payload.codes.reshape(-1)[first * payload.bits // 8: last * payload.bits // 8],
+                       numel=last - first, shape=shape)
+        return self.decode(part)

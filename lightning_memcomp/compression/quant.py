@@ -23,8 +23,11 @@ ICML 2021) and the k-bit storage of BLPA (Chakrabarti & Moseley, NeurIPS 2019, S
 * max-pool indices kept exact in the narrowest integer type, dropout masks at one bit per element;
 * normalization statistics and other 0-/1-D tensors are never taken (they stay exact).
 
-The encode and decode have a fused CUDA implementation (``cuda/quant_pack.cu``) used for CUDA tensors
-through :func:`lightning_memcomp.kernels.use_cuda_kernel`; the torch path here is the reference.
+The encode and decode have fused implementations, chosen by :mod:`lightning_memcomp.kernels`
+(``MEMCOMP_KERNELS``) for float32/float16/bfloat16 tensors: C++ for CPU tensors (``cuda/codecs_cpu.cpp``,
+no full-size temporary: statistics group by group, codes packed straight into the payload, random numbers
+from a counter-based hash) and CUDA for CUDA tensors (``cuda/quant_pack.cu``). The torch path here is the
+reference (``MEMCOMP_KERNELS=torch``); the kernels give its bits for deterministic rounding.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ from lightning_memcomp.compression.bitpack import (
     unpack_bits,
     unpack_mask,
 )
-from lightning_memcomp.kernels import use_cuda_kernel
+from lightning_memcomp.kernels import triton_failed, use_cpu_kernel, use_cuda_kernel, use_triton_kernel
 from lightning_memcomp.memory.engine import Codec, SaveContext, mix_seed
 
 __all__ = ["QuantCodec", "QuantPayload", "dequantize_groups", "quantize_groups"]
 
 KERNEL = "quant_pack"
+CPU_KERNEL = "codecs_cpu"
+TRITON_KERNEL = "quant_triton"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # backward reads the saved tensor only through "x > 0" (sign) or "min < x < max" (hardtanh)
 _SIGN_TYPES: tuple[type[nn.Module], ...] = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn.RReLU)
@@ -307,8 +313,8 @@ def _dequantize_chunk(
             q[zrows] = qz
     x = q.mul_(step_f).add_(lo_f).mul_(scale)
     finfo = torch.finfo(dtype)
-    if finfo.max < torch.finfo(work).max:
-        x.clamp_(-finfo.max, finfo.max)
+    # also for float32: lo rounded down can reach -2**128 in a group holding -finfo.max, which is -inf
+    x.clamp_(-finfo.max, finfo.max)
     # positives stay positive in a narrow dtype (exact ReLU masks)
     smallest = _smallest_positive(dtype, codes.device).to(work)
     if zrows is not None:
@@ -444,11 +450,11 @@ class QuantCodec(Codec):
         mask, kind, bounds = None, None, None
         if self.exact_routing and isinstance(module, _SIGN_TYPES):
             kind = "sign"
-            mask = BitMask(pack_mask(flat > 0), flat.numel())
+            mask = threshold_mask(flat, 0.0, float("inf"))
         elif self.exact_routing and isinstance(module, _HARDTANH_TYPES):
             kind = "hardtanh"
             bounds = (float(module.min_val), float(module.max_val))
-            mask = BitMask(pack_mask((flat > bounds[0]) & (flat < bounds[1])), flat.numel())
+            mask = threshold_mask(flat, *bounds)
         return QuantPayload(codes, lo, step, exponent, mask, bits, flat.numel(), tuple(x.shape), order,
                             x.dtype, kind, bounds)
 
@@ -456,11 +462,18 @@ class QuantCodec(Codec):
         """Quantize a flat tensor in groups of ``group_size`` (the last one padded by its last value)."""
         size = self.group_size
         full, rest = divmod(flat.numel(), size)
-        ext = use_cuda_kernel(KERNEL, flat) if flat.dtype != torch.float64 else None
-        if ext is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu")))) if stochastic else 0
-            codes, lo, step, exponent, finite = ext.pack(_grouped(flat, size).contiguous(), bits, stochastic, seed)
-            return (codes, lo, step, exponent) if bool(finite) else None
+        cpu, cuda = _kernels(flat)
+        if cpu is not None or cuda:
+            seed = 0
+            if stochastic:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self.generator(torch.device("cpu"))))
+            if cpu is not None:  # the last, partial group is padded inside the kernel: no copy of the tensor
+                packed = cpu.pack_flat(flat, size, bits, stochastic, seed)
+            else:
+                packed = _cuda_call(flat, "pack", _grouped(flat, size).contiguous(), bits, stochastic, seed)
+            if packed is not None:
+                codes, lo, step, exponent, finite = packed
+                return (codes, lo, step, exponent) if bool(finite) else None
         gen = self.generator(flat.device) if stochastic else None
         out = _empty_payload(full + (1 if rest else 0), size, bits, flat.dtype, flat.device)
         # the full groups are a view of the tensor; only the last, partial group is copied and padded
@@ -474,11 +487,10 @@ class QuantCodec(Codec):
     def decode(self, payload: Any) -> Tensor:
         if not isinstance(payload, QuantPayload):
             return decode_routing(payload) if not isinstance(payload, Tensor) else payload
-        ext = use_cuda_kernel(KERNEL, payload.codes) if payload.dtype != torch.float64 else None
-        if ext is not None:
-            groups = ext.unpack(payload.codes, payload.lo, payload.step, payload.exponent, payload.bits,
-                                payload.dtype)
-        else:
+        cpu, cuda = _kernels(payload.codes, payload.dtype)
+        args = (payload.codes, payload.lo, payload.step, payload.exponent, payload.bits, payload.dtype)
+        groups = cpu.unpack(*args) if cpu is not None else _cuda_call(payload.codes, "unpack", *args) if cuda else None
+        if groups is None:
             groups = dequantize_groups(payload.codes, payload.lo, payload.step, payload.exponent, payload.bits,
                                        payload.dtype)
         flat = groups.reshape(-1)[: payload.numel]
@@ -486,6 +498,68 @@ class QuantCodec(Codec):
             flat = _apply_mask(flat, unpack_mask(payload.mask.bits, payload.numel), payload.mask_kind,
                                payload.mask_bounds)
         return from_memory_order(flat, payload.shape, payload.order)
+
+    def decode_batch(self, payload: Any, start: int, stop: int) -> Tensor | None:
+        """Rows ``start:stop`` decoded from the groups that hold them (at most two groups beyond them)."""
+        span = batch_range(payload, start, stop) if isinstance(payload, QuantPayload) else None
+        if span is None:
+            return None
+        first, last, shape = span
+        size = payload.codes.shape[-1] * 8 // payload.bits
+        g0, g1 = first // size, -(-last // size)
+        part = QuantPayload(payload.codes[g0:g1], payload.lo[g0:g1], payload.step[g0:g1], payload.exponent[g0:g1],
+                            None, payload.bits, (g1 - g0) * size, ((g1 - g0) * size,), None, payload.dtype)
+        flat = self.decode(part)[first - g0 * size: last - g0 * size]
+        return from_memory_order(flat, shape, payload.order)
+
+
+def batch_range(payload: Any, start: int, stop: int) -> tuple[int, int, tuple[int, ...]] | None:
+    """Flat memory-order range ``[first, last)`` holding rows ``start:stop`` of a payload's first dimension, and
+    the shape of those rows; ``None`` when the rows are not contiguous in memory order (a layout whose
+    outermost dimension is not the batch) or a routing mask rides along."""
+    if getattr(payload, "mask", None) is not None or not payload.shape:
+        return None
+    if payload.order is not None and payload.order[0] != 0:
+        return None
+    per = payload.numel // payload.shape[0] if payload.shape[0] else 0
+    return start * per, stop * per, (stop - start, *payload.shape[1:])
+
+
+def _kernels(tensor: Tensor, dtype: torch.dtype | None = None) -> tuple[Any, bool]:
+    """(C++ extension or ``None``, whether a CUDA kernel may serve) for ``tensor`` of (decoded) ``dtype``;
+    ``(None, False)``: the torch path."""
+    if (dtype or tensor.dtype) not in _KERNEL_DTYPES:
+        return None, False
+    if tensor.is_cuda:
+        return None, True
+    return use_cpu_kernel(CPU_KERNEL, tensor), False
+
+
+def _cuda_call(tensor: Tensor, op: str, *args: Any) -> Any:
+    """``op`` ("pack" or "unpack", one signature for both) of the first CUDA kernel that works for ``tensor``:
+    Triton, then the nvcc-built extension (see :mod:`lightning_memcomp.kernels`); ``None``: the torch path."""
+    triton_module = use_triton_kernel(TRITON_KERNEL, tensor)
+    if triton_module is not None:
+        try:
+            return getattr(triton_module, op)(*args)
+        except Exception as err:  # noqa: BLE001 - a compilation failure falls back (auto) or raises (forced)
+            triton_failed(TRITON_KERNEL, err)
+    ext = use_cuda_kernel(KERNEL, tensor)
+    return None if ext is None else getattr(ext, op)(*args)
+
+
+def threshold_mask(flat: Tensor, low: float, high: float) -> BitMask:
+    """The 1-bit mask ``low < flat < high`` (the thresholds as ``flat``'s dtype compares them), packed; fused
+    in the C++ kernel for CPU tensors (no boolean temporary)."""
+    cpu, _ = _kernels(flat)
+    if cpu is None:
+        inside = flat > low
+        if high != float("inf"):
+            inside &= flat < high
+        return BitMask(pack_mask(inside), flat.numel())
+    # torch compares with a Python float in the tensor's dtype: the thresholds rounded to it
+    bounds = torch.tensor([low, high], dtype=torch.float64).to(flat.dtype).double().tolist()
+    return BitMask(cpu.threshold_mask(flat, *bounds), flat.numel())
 
 
 def _apply_mask(flat: Tensor, mask: Tensor, kind: str | None, bounds: tuple[float, float] | None) -> Tensor:
