@@ -5,7 +5,9 @@
 paper): 2-D blocks for ``[N, C, H, W]``, 3-D blocks for ``[N, C, D, H, W]``, 1-D for ``[N, C, L]``. A block
 is never larger than the map (an 8 x 8 map uses 8 x 8 blocks); sizes that are not multiples of the block
 are padded by edge replication and cropped on decode. All blocks are transformed by two batched matrix
-products per dimension, with the DCT matrix built once per (size, dtype, device).
+products per dimension, with the DCT matrix built once per (size, dtype, device). The codec transforms a
+tensor span by span (whole maps, see :class:`~lightning_memcomp.compression.threshold.TopKCodec`), so the
+coefficient tensor never exists in full.
 
 Tensors with another number of dimensions (the ``[N, F]`` input of a ``Linear``) are not accepted and pass
 through unchanged (the ledger counts them as passthrough).
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_memcomp.compression.threshold import TopKCodec
-from lightning_memcomp.compression.transforms import block_dct, block_idct
+from lightning_memcomp.compression.transforms import Scratch, block_dct, block_idct
 from lightning_memcomp.memory.engine import SaveContext
 
 __all__ = ["DCTCodec"]
@@ -46,6 +48,7 @@ class DCTCodec(TopKCodec):
     """
 
     name = "dct"
+    spatial = True
 
     def __init__(
         self,
@@ -90,6 +93,12 @@ class DCTCodec(TopKCodec):
 
     def inverse_transform(self, coeffs: Tensor, meta: Any, shape: tuple[int, ...]) -> Tensor:
         return block_idct(coeffs, meta, shape[2:])
+
+    def forward_span(self, x: Tensor, meta: Any, scratch: Scratch) -> Tensor:
+        return block_dct(x, meta, scratch=scratch)
+
+    def inverse_span(self, coeffs: Tensor, meta: Any, shape: tuple[int, ...], scratch: Scratch) -> Tensor:
+        return block_idct(coeffs, meta, shape[2:], scratch=scratch)
 
     def _repr_options(self) -> str:
         return f", block={self.block!r}"

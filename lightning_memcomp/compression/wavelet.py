@@ -4,7 +4,9 @@
 (the paper's Eq. 8): 2-D for ``[N, C, H, W]`` maps, 3-D for ``[N, C, D, H, W]`` volumes (never flattened to
 2-D), 1-D for ``[N, C, L]``. All sub-bands, the coarsest included, compete for the ``k = floor(N / lambda)``
 kept coefficients. Filters come from PyWavelets (periodization mode, orthogonal); the transform runs in
-torch on the tensor's device (:mod:`~lightning_memcomp.compression.transforms`).
+torch on the tensor's device (:mod:`~lightning_memcomp.compression.transforms`), span by span (whole maps,
+see :class:`~lightning_memcomp.compression.threshold.TopKCodec`), so the coefficient tensor never exists in
+full.
 
 Shapes: tensors with 1, 2 or 3 spatial dimensions are transformed; others (the ``[N, F]`` input of a
 ``Linear``) are not accepted and pass through unchanged (the ledger counts them as passthrough).
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_memcomp.compression.threshold import TopKCodec
-from lightning_memcomp.compression.transforms import dwt, idwt, max_dwt_levels, validate_wavelet
+from lightning_memcomp.compression.transforms import Scratch, dwt, idwt, max_dwt_levels, validate_wavelet
 from lightning_memcomp.memory.engine import SaveContext
 
 __all__ = ["WaveletCodec"]
@@ -49,6 +51,7 @@ class WaveletCodec(TopKCodec):
     """
 
     name = "wavelet"
+    spatial = True
 
     def __init__(
         self,
@@ -89,6 +92,12 @@ class WaveletCodec(TopKCodec):
 
     def inverse_transform(self, coeffs: Tensor, meta: Any, shape: tuple[int, ...]) -> Tensor:
         return idwt(coeffs, self.wavelet, meta, shape[2:])
+
+    def forward_span(self, x: Tensor, meta: Any, scratch: Scratch) -> Tensor:
+        return dwt(x, self.wavelet, meta, scratch=scratch)
+
+    def inverse_span(self, coeffs: Tensor, meta: Any, shape: tuple[int, ...], scratch: Scratch) -> Tensor:
+        return idwt(coeffs, self.wavelet, meta, shape[2:], scratch=scratch)
 
     def _repr_options(self) -> str:
         return f", wavelet={self.wavelet!r}, levels={self.levels}"
