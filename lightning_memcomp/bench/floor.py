@@ -49,3 +49,8 @@ class FloorCodec(QuantCodec):
         if not isinstance(payload, FloorPayload):
             return super().decode(payload)
         return torch.zeros(payload.shape, dtype=payload.dtype, device=payload.codes.device)
+
+    def decode_batch(self, payload: Any, start: int, stop: int) -> Tensor | None:
+        if not isinstance(payload, FloorPayload):
+            return super().decode_batch(payload, start, stop)
+        return torch.zeros((stop - start, *payload.shape[1:]), dtype=payload.dtype, device=payload.codes.device)

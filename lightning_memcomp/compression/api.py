@@ -50,6 +50,7 @@ def compress_activations(
     modules: ModuleSelection = None,
     *,
     min_bytes: int = DEFAULT_MIN_BYTES,
+    conv_chunk_bytes: int | None = None,
     **options: Any,
 ) -> SavedTensorEngine:
     """Compress what autograd saves for backward inside the ``with`` block; the forward stays exact.
@@ -62,6 +63,10 @@ def compress_activations(
         modules: which modules' saved tensors to compress (see :mod:`lightning_memcomp.surgery`);
             default: convolutions, linear layers, normalizations, activations, dropout and pooling.
         min_bytes: smaller tensors are kept as they are.
+        conv_chunk_bytes: the compressed convolutions' backward decodes the saved input a slice of the batch at
+            a time, slices of about this many bytes (``None``, the default: 4 MiB on CPU, 64 MiB on CUDA), so
+            their backward needs no full-size decoded copy (:mod:`lightning_memcomp.memory.lean_conv`);
+            ``0``: PyTorch's convolution backward on the whole decoded input.
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
 
     Returns the engine; entering it returns the :class:`~lightning_memcomp.Ledger`::
@@ -89,5 +94,6 @@ def compress_activations(
         )
     chosen = set(matched)
     return SavedTensorEngine(
-        model, lambda name, module: codec_obj if name in chosen else None, min_bytes=min_bytes
+        model, lambda name, module: codec_obj if name in chosen else None, min_bytes=min_bytes,
+        conv_chunk_bytes=conv_chunk_bytes,
     )

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_memcomp.compression.api import compress_activations
 from lightning_memcomp.compression.registry import make_codec
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
+from lightning_memcomp.memory.lean_conv import check_chunk_bytes
 from lightning_memcomp.memory.ledger import MiB, Ledger
 from lightning_memcomp.surgery import ModuleSelection
 
@@ -53,6 +54,9 @@ class ActivationCompression(Callback):
         seed: base seed of stochastic rounding; default ``torch.initial_seed()`` at setup (the seed
             ``seed_everything`` set). Each training batch draws from ``(seed, global step, batch index)``,
             and the seed is saved in the checkpoint, so a resumed run rounds as the uninterrupted one.
+        conv_chunk_bytes: the compressed convolutions' backward decodes their saved input a slice of the batch
+            at a time, of about this many bytes (``None``: 4 MiB on CPU, 64 MiB on CUDA; ``0``: off); see
+            :func:`lightning_memcomp.compress_activations`.
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
 
     Raises:
@@ -72,6 +76,7 @@ class ActivationCompression(Callback):
         min_bytes: int = DEFAULT_MIN_BYTES,
         log_every_n_steps: int = 50,
         seed: int | None = None,
+        conv_chunk_bytes: int | None = None,
         **options: Any,
     ) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -81,6 +86,7 @@ class ActivationCompression(Callback):
         if bits is not None:
             options["bits"] = bits
         make_codec(codec, **options)  # fail early on bad names/options
+        self.conv_chunk_bytes = check_chunk_bytes(conv_chunk_bytes)
         self.codec = codec
         self.modules = modules
         self.min_bytes = min_bytes
@@ -101,7 +107,8 @@ class ActivationCompression(Callback):
         refuse_compiled(pl_module, type(self).__name__)
         if self._engine is None or self._engine.model is not pl_module:
             self._engine = compress_activations(
-                pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes, **self.options
+                pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes,
+                conv_chunk_bytes=self.conv_chunk_bytes, **self.options
             )
             rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}")
         if self._rng_seed is None:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from lightning_memcomp.memory import lean_conv
 from lightning_memcomp.memory.ledger import Ledger
 
 __all__ = [
@@ -106,6 +107,12 @@ class Codec:
 
     def decode(self, payload: Any) -> Tensor:
         return payload
+
+    def decode_batch(self, payload: Any, start: int, stop: int) -> Tensor | None:
+        """Rows ``start:stop`` of the first dimension of what :meth:`decode` gives, decoded on their own (the
+        sliced convolution backward asks for them), or ``None`` when this payload decodes only whole (the
+        caller then decodes it once). Codecs whose payload keeps the samples apart override it."""
+        return None
 
     def stored_nbytes(self, payload: Any) -> int:
         return payload_nbytes(payload)
@@ -214,6 +221,15 @@ class _Packed:
             out = out.expand(self.expand_to)
         return out
 
+    def decode_batch(self, start: int, stop: int) -> Tensor | None:
+        """Rows ``start:stop`` of the decoded tensor, or ``None`` (see :meth:`Codec.decode_batch`); the caller
+        has checked the version."""
+        if self.expand_to is not None:
+            return None
+        if isinstance(self.payload, Tensor):
+            return self.payload[start:stop]
+        return self.codec.decode_batch(self.payload, start, stop)
+
 
 class _ViewPacked:
     """A saved view rebuilt from the pack of a dense region of the same storage (packed once)."""
@@ -237,6 +253,12 @@ class _ViewPacked:
             buf.as_strided(self.base_size, self.base_stride).copy_(decoded)
             decoded = buf
         return decoded.as_strided(self.size, self.stride, decoded.storage_offset() + self.offset)
+
+    def check_version(self) -> None:
+        self.base.check_version()
+
+    def decode_batch(self, start: int, stop: int) -> None:
+        return None  # a view of a larger pack: decoded whole
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -300,6 +322,10 @@ class SavedTensorEngine:
             a plain tracker) uses the identity codec for every module.
         min_bytes: tensors smaller than this pass through untouched.
         ledger: the ledger to fill (a new one by default); it is reset on each ``__enter__``.
+        conv_chunk_bytes: ``0`` (the default: the modules run unchanged), or the convolutions with a codec
+            (``nn.Conv1d/2d/3d``) run a backward that decodes their saved input a slice of the batch at a time,
+            slices of about this many bytes (``None``: 4 MiB on CPU, 64 MiB on CUDA); see
+            :mod:`lightning_memcomp.memory.lean_conv`.
         seed: base seed of the codecs' random streams (stochastic rounding); default
             ``torch.initial_seed()`` at each start.
 
@@ -321,6 +347,7 @@ class SavedTensorEngine:
         min_bytes: int = DEFAULT_MIN_BYTES,
         ledger: Ledger | None = None,
         seed: int | None = None,
+        conv_chunk_bytes: int | None = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -328,8 +355,12 @@ class SavedTensorEngine:
             raise ValueError(f"min_bytes={min_bytes!r} is not allowed; use an integer >= 0")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r} is not allowed; use an int or None (torch.initial_seed())")
+        lean_conv.check_chunk_bytes(conv_chunk_bytes)
         self.model = model
         self.min_bytes = int(min_bytes)
+        self.conv_chunk_bytes = conv_chunk_bytes
+        self._undo_conv: list[Callable[[], None]] = []
+        self._repeat: tuple[int, int, tuple[int, ...], tuple[int, ...]] | None = None
         self.ledger = ledger if ledger is not None else Ledger()
         self.seed = seed
         self._identity = IdentityCodec()
@@ -402,6 +433,10 @@ class SavedTensorEngine:
             for module, name in names.items():
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
                 self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
+            if self.conv_chunk_bytes != 0:
+                for module, name in names.items():
+                    if self._codecs.get(name) is not None and lean_conv.is_lean_candidate(module):
+                        self._undo_conv.append(lean_conv.install(module, self._pack_for_conv, self.conv_chunk_bytes))
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
             _ACTIVE_ENGINES.append(self)
@@ -434,6 +469,10 @@ class SavedTensorEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for undo in self._undo_conv:
+            undo()
+        self._undo_conv.clear()
+        self._repeat = None
 
     def _mark_computed(self, tensor: Tensor) -> None:
         if isinstance(tensor, Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
@@ -506,7 +545,11 @@ class SavedTensorEngine:
         found = self._find_region(ptr, tensor)
         if found is not None:
             region, packed = found
-            self.ledger.shared_saves += 1
+            geometry = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+            if self._repeat == geometry:
+                self._repeat = None  # the sliced convolution's own save of what it packed: counted once
+            else:
+                self.ledger.shared_saves += 1
             if tuple(tensor.shape) == region.size and tuple(tensor.stride()) == region.stride and (
                 tensor.storage_offset() == region.offset
             ):
@@ -541,6 +584,23 @@ class SavedTensorEngine:
                 regions[:] = [r for r in regions if r.packed() is not None]
             regions.append(_Region(base.storage_offset(), base.numel(), tuple(base.shape), tuple(base.stride()),
                                    weakref.ref(packed, self._forget(ptr)), StorageWeakRef(storage)))
+        return packed
+
+    def _pack_for_conv(self, tensor: Tensor, weight: Tensor) -> _Packed | _ViewPacked | None:
+        """The pack of a convolution's input for its sliced backward, or ``None``: the convolution stays
+        PyTorch's (the input is not one dense region, or the weight is not a parameter or a weight computed
+        from parameters, which the plain save would encode). The convolution saves the same input right after;
+        that save finds this pack and is not counted again. The weight is counted as the plain save counts it."""
+        if tensor.device.type == "meta" or tensor.numel() == 0 or not _is_dense(tensor):
+            return None
+        if weight.numel() == 0 or not self._is_exact_weight(weight, weight.untyped_storage().data_ptr()):
+            return None
+        packed = self._pack(tensor)
+        if not isinstance(packed, (_Packed, _ViewPacked)):
+            return None
+        self.ledger.parameter_saves += 1
+        self._repeat = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                        tuple(tensor.stride()))
         return packed
 
     def _forget(self, ptr: int) -> Callable:
