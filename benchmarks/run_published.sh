@@ -32,8 +32,8 @@ resnet50() {  # torchvision ResNet-50, batches 4 and 8, 3x224x224: the step peak
         --methods baseline,checkpoint,floor:2,floor:4,quant:2,quant:4,blpa:4 "${COMMON[@]}" --name "bench_resnet50_${DEVICE}"
 }
 
-unet3d() {  # MONAI 3-D UNet (16-32-64-128, two residual units), 2x1x64^3, cross-entropy on random labels
-    "$MEMCOMP" bench --network unet3d --batch-size 2 --peak-batch 4 --input-size 64 --methods "$METHODS" "${COMMON[@]}" \
+unet3d() {  # MONAI 3-D UNet (16-32-64-128, two residual units), 1x64^3 volumes at batches 4 and 8, cross-entropy on random labels
+    "$MEMCOMP" bench --network unet3d --batch-size 4 --peak-batch 8 --input-size 64 --methods "$METHODS" "${COMMON[@]}" \
         --band-fft-size minimal --name "bench_unet3d_${DEVICE}" \
         --note "bandlimit uses fft_size=minimal (the padded input size, 66^3 at the first level): the paper's power-of-two grid is 256^3 per channel there (the paper's length 66 + 64 - 1 = 129, rounded up), about 1 GiB of kept spectrum per first-level layer at compress_rate 50."
 }

@@ -322,8 +322,8 @@ class SavedTensorEngine:
             a plain tracker) uses the identity codec for every module.
         min_bytes: tensors smaller than this pass through untouched.
         ledger: the ledger to fill (a new one by default); it is reset on each ``__enter__``.
-        conv_chunk_bytes: ``0`` (the default: the modules run unchanged), or the convolutions with a codec
-            (``nn.Conv1d/2d/3d``) run a backward that decodes their saved input a slice of the batch at a time,
+        conv_chunk_bytes: ``0`` (the default: the modules run unchanged), or the convolutions with a
+            compressing codec (``nn.Conv1d/2d/3d``; not the identity) run a backward that decodes their saved input a slice of the batch at a time,
             slices of about this many bytes (``None``: 4 MiB on CPU, 64 MiB on CUDA); see
             :mod:`lightning_memcomp.memory.lean_conv`.
         seed: base seed of the codecs' random streams (stochastic rounding); default
@@ -435,7 +435,9 @@ class SavedTensorEngine:
                 self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
             if self.conv_chunk_bytes != 0:
                 for module, name in names.items():
-                    if self._codecs.get(name) is not None and lean_conv.is_lean_candidate(module):
+                    codec = self._codecs.get(name)
+                    # a codec that keeps tensors as they are (identity) changes nothing, not even rounding
+                    if codec is not None and codec.compresses and lean_conv.is_lean_candidate(module):
                         self._undo_conv.append(lean_conv.install(module, self._pack_for_conv, self.conv_chunk_bytes))
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
