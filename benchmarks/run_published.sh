@@ -5,8 +5,8 @@
 #   bash benchmarks/run_published.sh resnet18        # some of them: resnet18, resnet50, unet3d
 #   DEVICE=cuda bash benchmarks/run_published.sh     # the same matrix on a GPU (files end in _cuda)
 #
-# Each method runs in a fresh process, one at a time (JOBS=1) with every core (THREADS): run it on a quiet
-# machine, since with --timing isolated the time ratios compare steps taken in different processes.
+# Each method runs in a fresh process, one at a time (JOBS=1) with every core (THREADS), and times its steps
+# interleaved with the baseline's in the same process; still, run it on a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,9 +14,9 @@ MEMCOMP=${MEMCOMP:-memcomp}
 DEVICE=${DEVICE:-cpu}
 OUT=${OUT:-benchmarks/results}
 THREADS=${THREADS:-$(nproc)}
-STEPS=${STEPS:-3}         # measured steps per method (median), after WARMUP steps
+STEPS=${STEPS:-2}         # measured steps per method (median), after WARMUP steps
 WARMUP=${WARMUP:-1}
-TIMING=${TIMING:-isolated}
+TIMING=${TIMING:-interleaved}  # each worker alternates baseline and method steps: time ratios side by side
 JOBS=${JOBS:-1}
 COMMON=(--device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --timing "$TIMING" --threads "$THREADS"
         --jobs "$JOBS" --timeout 3000 --out "$OUT" --no-progress)
