@@ -339,3 +339,34 @@ def test_callback_takes_and_checks_the_chunk_size():
     assert ActivationCompression(bits=4, conv_chunk_bytes=0).conv_chunk_bytes == 0
     with pytest.raises(ValueError, match="conv_chunk_bytes=-5 is not allowed"):
         ActivationCompression(bits=4, conv_chunk_bytes=-5)
+
+
+def test_checkpointed_convolutions_inside_the_engine_are_left_to_the_checkpoint():
+    """Non-reentrant checkpointing installs its own saved-tensor hooks inside the engine: the convolution is
+    not packed by the engine there (the checkpoint recomputes it), and gradients stay those of PyTorch."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), block)
+    x = torch.randn(6, 3, 12, 12)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return checkpoint(self.inner[1], self.inner[0](x), use_reentrant=False)
+
+    wrapped = Wrapped()
+    reference = _grads(wrapped, x)
+    used = []
+    real = lean_conv._LeanConv.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lean_conv._LeanConv, "apply", lambda *a: used.append(1) or real(*a))
+        got = _grads(wrapped, x, lambda: compress_activations(wrapped, Lossless(), conv_chunk_bytes=SMALL,
+                                                               min_bytes=0))
+    assert len(used) == 1  # only the convolution outside the checkpoint
+    for g, r in zip(got, reference):
+        assert _rel(g, r) <= REL_TOL

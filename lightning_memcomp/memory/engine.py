@@ -595,6 +595,8 @@ class SavedTensorEngine:
         that save finds this pack and is not counted again. The weight is counted as the plain save counts it."""
         if tensor.device.type == "meta" or tensor.numel() == 0 or not _is_dense(tensor):
             return None
+        if not self._innermost_hooks():
+            return None  # other saved-tensor hooks run inside this engine (a checkpoint): they decide the save
         if weight.numel() == 0 or not self._is_exact_weight(weight, weight.untyped_storage().data_ptr()):
             return None
         packed = self._pack(tensor)
@@ -604,6 +606,15 @@ class SavedTensorEngine:
         self._repeat = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                         tuple(tensor.stride()))
         return packed
+
+    def _innermost_hooks(self) -> bool:
+        """Whether this engine's saved-tensor hooks are the ones a save would run now (not those of a
+        non-reentrant ``torch.utils.checkpoint`` or of another engine opened inside it)."""
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        if top is None:
+            return True  # no way to tell on this torch: as before
+        hooks = top(False)
+        return hooks is not None and hooks[0] == self._pack
 
     def _forget(self, ptr: int) -> Callable:
         regions_ref = weakref.ref(self)
