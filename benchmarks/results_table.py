@@ -1,4 +1,5 @@
-"""Print the README's "Results" table from the committed benchmark CSVs (held bytes and step time vs baseline).
+"""Print the README's "Results" table from the committed benchmark CSVs: the batch multiplier first (how many times
+larger a batch fits, from the step peak per sample), then held bytes and step time, each vs the baseline.
 
     python benchmarks/results_table.py            # paste between the results-table markers of README.md
     python benchmarks/results_table.py --check    # exit 1 when README.md's table differs from the files
@@ -16,22 +17,29 @@ from lightning_memcomp.bench.report import format_ratio, markdown_table, read_cs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-NETWORKS = (("ResNet-18", "bench_resnet18_cifar_cpu.csv"), ("3-D UNet", "bench_unet3d_cpu.csv"))
+#: (label, CSV file, columns): each column is (README header suffix, CSV attribute)
+NETWORKS = (
+    ("ResNet-18", "bench_resnet18_cifar_cpu.csv", (("batch x", "batch_multiplier"), ("held", "held_ratio"),
+                                                   ("step time", "time_ratio"))),
+    ("ResNet-50", "bench_resnet50_cpu.csv", (("batch x", "batch_multiplier"), ("step time", "time_ratio"))),
+    ("3-D UNet", "bench_unet3d_cpu.csv", (("batch x", "batch_multiplier"), ("held", "held_ratio"),
+                                         ("step time", "time_ratio"))),
+)
 BEGIN, END = "<!-- results-table: begin -->", "<!-- results-table: end -->"
 
 
 def table() -> str:
-    """The README table: each method's held-for-backward and step-time ratios on each network, as the
-    benchmark's report writes ratios."""
-    data = [(label, {r.method: r for r in read_csv(RESULTS / name)}) for label, name in NETWORKS]
-    methods = list(dict.fromkeys(m for _, rows in data for m in rows))
-    header = ["method"] + [f"{label} {column}" for label, _ in data for column in ("held", "step time")]
+    """The README table: each method's batch multiplier, held-for-backward and step-time ratios on each network,
+    as the benchmark's report writes ratios (``-``: the method was not run on that network)."""
+    data = [(label, {r.method: r for r in read_csv(RESULTS / name)}, columns) for label, name, columns in NETWORKS]
+    methods = list(dict.fromkeys(m for _, rows, _ in data for m in rows))
+    header = ["method"] + [f"{label} {column}" for label, _, columns in data for column, _ in columns]
     rows = []
     for method in methods:
         cells = [f"`{method}`"]
-        for _, results in data:
+        for _, results, columns in data:
             r = results.get(method)
-            cells += [format_ratio(r.held_ratio if r else None), format_ratio(r.time_ratio if r else None)]
+            cells += [format_ratio(getattr(r, key) if r else None) for _, key in columns]
         rows.append(cells)
     return markdown_table(header, rows)
 
