@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,10 @@ __all__ = [
     "pack_bits",
     "pack_mask",
     "unpack_bits",
+    "mask_chunks",
+    "pack_predicate",
     "unpack_mask",
+    "unpack_mask_piece",
 ]
 
 ALLOWED_BITS = (1, 2, 4, 8)
@@ -79,6 +83,30 @@ def pack_mask(mask: Tensor) -> Tensor:
 def unpack_mask(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_mask`: a flat boolean tensor of ``numel`` elements."""
     return unpack_bits(packed.view(-1, 1), 1).reshape(-1)[:numel].bool()
+
+
+#: elements per piece of the chunked mask helpers (a multiple of 8): their temporaries stay below 4 MiB
+MASK_CHUNK = 1 << 20
+
+
+def mask_chunks(numel: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` pieces of ``numel`` elements, :data:`MASK_CHUNK` at a time (starts on whole bytes)."""
+    for start in range(0, numel, MASK_CHUNK):
+        yield start, min(numel, start + MASK_CHUNK)
+
+
+def pack_predicate(flat: Tensor, predicate: Callable[[Tensor], Tensor]) -> Tensor:
+    """:func:`pack_mask` of ``predicate(flat)``, computed piece by piece: no full-size boolean temporary."""
+    n = flat.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    for start, stop in mask_chunks(n):
+        out[start // 8:(stop + 7) // 8] = pack_mask(predicate(flat[start:stop]))
+    return out
+
+
+def unpack_mask_piece(packed: Tensor, start: int, stop: int) -> Tensor:
+    """Elements ``start:stop`` of :func:`unpack_mask` (``start`` a multiple of 8)."""
+    return unpack_mask(packed[start // 8:(stop + 7) // 8], stop - start)
 
 
 def memory_order(t: Tensor) -> tuple[Tensor, tuple[int, ...] | None]:
@@ -157,14 +185,16 @@ def encode_routing(tensor: Tensor) -> NarrowIndices | DropoutMask | None:
         return NarrowIndices(tensor, torch.int64)
     flat, order = memory_order(tensor)
     if tensor.dtype == torch.bool:
-        return DropoutMask(pack_mask(flat), torch.zeros((), device=tensor.device), tuple(tensor.shape), order,
-                           torch.bool)
+        return DropoutMask(pack_predicate(flat, lambda piece: piece), torch.zeros((), device=tensor.device),
+                           tuple(tensor.shape), order, torch.bool)
     keep_value = flat.max() if flat.numel() else torch.zeros((), dtype=tensor.dtype, device=tensor.device)
-    keep = flat != 0
     # the multiplier takes exactly two values, 0 and keep_value; anything else is not a dropout mask
-    if not bool((keep.logical_not() | (flat == keep_value)).all()):
-        return None
-    return DropoutMask(pack_mask(keep), keep_value.reshape(()), tuple(tensor.shape), order, tensor.dtype)
+    for start, stop in mask_chunks(flat.numel()):
+        piece = flat[start:stop]
+        if not bool(((piece == 0) | (piece == keep_value)).all()):
+            return None
+    return DropoutMask(pack_predicate(flat, lambda piece: piece != 0), keep_value.reshape(()), tuple(tensor.shape),
+                       order, tensor.dtype)
 
 
 def decode_routing(payload: NarrowIndices | DropoutMask) -> Tensor:
@@ -174,9 +204,12 @@ def decode_routing(payload: NarrowIndices | DropoutMask) -> Tensor:
     numel = 1
     for s in payload.shape:
         numel *= s
-    keep = unpack_mask(payload.bits, numel)
-    if payload.dtype == torch.bool:
-        flat = keep
-    else:
-        flat = keep.to(payload.dtype) * payload.keep_value.to(payload.dtype)
+    # written piece by piece into the one output tensor
+    flat = torch.empty(numel, dtype=payload.dtype, device=payload.bits.device)
+    keep_value = payload.keep_value.to(payload.dtype)
+    for start, stop in mask_chunks(numel):
+        target = flat[start:stop]
+        target.copy_(unpack_mask_piece(payload.bits, start, stop))
+        if payload.dtype != torch.bool:
+            target.mul_(keep_value)
     return from_memory_order(flat, payload.shape, payload.order)

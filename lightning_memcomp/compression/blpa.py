@@ -49,7 +49,6 @@ from lightning_memcomp.compression.bitpack import (
     memory_order,
     pack_bits,
     unpack_bits,
-    unpack_mask,
 )
 from lightning_memcomp.compression.quant import (
     CHUNK_BYTES,
@@ -370,7 +369,7 @@ class BLPACodec(Codec):
             x = blpa_dequantize(codes, payload.threshold, payload.delta, payload.shift, payload.relu, payload.dtype)
         if payload.mask is not None:
             flat_x, order = memory_order(x)
-            flat_x = _apply_mask(flat_x, unpack_mask(payload.mask.bits, payload.numel), "hardtanh",
+            flat_x = _apply_mask(flat_x, payload.mask.bits, "hardtanh",
                                  payload.mask_bounds)
             x = from_memory_order(flat_x, payload.shape, order)
         return x

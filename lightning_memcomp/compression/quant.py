@@ -46,10 +46,11 @@ from lightning_memcomp.compression.bitpack import (
     from_memory_order,
     is_routing_tensor,
     memory_order,
+    mask_chunks,
     pack_bits,
-    pack_mask,
+    pack_predicate,
     unpack_bits,
-    unpack_mask,
+    unpack_mask_piece,
 )
 from lightning_memcomp.kernels import triton_failed, use_cpu_kernel, use_cuda_kernel, use_triton_kernel
 from lightning_memcomp.memory.engine import Codec, SaveContext, mix_seed
@@ -495,7 +496,7 @@ class QuantCodec(Codec):
                                        payload.dtype)
         flat = groups.reshape(-1)[: payload.numel]
         if payload.mask is not None:
-            flat = _apply_mask(flat, unpack_mask(payload.mask.bits, payload.numel), payload.mask_kind,
+            flat = _apply_mask(flat, payload.mask.bits, payload.mask_kind,
                                payload.mask_bounds)
         return from_memory_order(flat, payload.shape, payload.order)
 
@@ -553,27 +554,38 @@ def threshold_mask(flat: Tensor, low: float, high: float) -> BitMask:
     in the C++ kernel for CPU tensors (no boolean temporary)."""
     cpu, _ = _kernels(flat)
     if cpu is None:
-        inside = flat > low
-        if high != float("inf"):
-            inside &= flat < high
-        return BitMask(pack_mask(inside), flat.numel())
+        def inside(piece: Tensor) -> Tensor:
+            above = piece > low
+            return above & (piece < high) if high != float("inf") else above
+
+        return BitMask(pack_predicate(flat, inside), flat.numel())
     # torch compares with a Python float in the tensor's dtype: the thresholds rounded to it
     bounds = torch.tensor([low, high], dtype=torch.float64).to(flat.dtype).double().tolist()
     return BitMask(cpu.threshold_mask(flat, *bounds), flat.numel())
 
 
-def _apply_mask(flat: Tensor, mask: Tensor, kind: str | None, bounds: tuple[float, float] | None) -> Tensor:
-    """Force the decoded values onto the right side of the thresholds the stored mask records."""
+def _apply_mask(flat: Tensor, bits: Tensor, kind: str | None, bounds: tuple[float, float] | None) -> Tensor:
+    """Force the decoded values (``flat``, written in place) onto the right side of the thresholds that the
+    packed mask ``bits`` records, piece by piece (no full-size temporary)."""
     dtype = flat.dtype
     if kind == "sign":
         tiny = torch.finfo(dtype).tiny
-        return torch.where(mask, flat.clamp(min=tiny), flat.clamp(max=0))
-    if kind == "hardtanh" and bounds is not None:
+
+        def fix(piece: Tensor, mask: Tensor) -> Tensor:
+            return torch.where(mask, piece.clamp(min=tiny), piece.clamp(max=0))
+    elif kind == "hardtanh" and bounds is not None:
         low = torch.tensor(bounds[0], dtype=dtype, device=flat.device)
         high = torch.tensor(bounds[1], dtype=dtype, device=flat.device)
         inside_low = torch.nextafter(low, high)
         inside_high = torch.nextafter(high, low)
-        inside = torch.minimum(torch.maximum(flat, inside_low), inside_high)
-        outside = torch.where(flat < (low + high) / 2, low, high)
-        return torch.where(mask, inside, outside)
+
+        def fix(piece: Tensor, mask: Tensor) -> Tensor:
+            inside = torch.minimum(torch.maximum(piece, inside_low), inside_high)
+            outside = torch.where(piece < (low + high) / 2, low, high)
+            return torch.where(mask, inside, outside)
+    else:
+        return flat
+    for start, stop in mask_chunks(flat.numel()):
+        piece = flat[start:stop]
+        piece.copy_(fix(piece, unpack_mask_piece(bits, start, stop)))
     return flat
