@@ -67,7 +67,8 @@ def is_lean_candidate(module: nn.Module) -> bool:
     return False
 
 
-def install(module: nn.Module, packer: Callable[[Tensor], Any], chunk_bytes: int | None) -> Callable[[], None]:
+def install(module: nn.Module, packer: Callable[[Tensor, Tensor], Any], chunk_bytes: int | None
+            ) -> Callable[[], None]:
     """Route ``module``'s convolution through :class:`_LeanConv`; returns the function that undoes it.
 
     ``packer(input, weight)`` packs the input as the engine's saved-tensor hook does and returns the pack (an
@@ -85,9 +86,8 @@ def install(module: nn.Module, packer: Callable[[Tensor], Any], chunk_bytes: int
             input = F.pad(input, module._reversed_padding_repeated_twice, mode=module.padding_mode)
             padding = (0,) * dims
         packed = packer(input, weight)
-        if packed is None:
-            return stock(module, input, weight, bias) if module.padding_mode == "zeros" else _plain(
-                input, weight, bias, module.stride, padding, module.dilation, module.groups)
+        if packed is None:  # PyTorch's convolution (on the padded input: what the stock method would run)
+            return _plain(input, weight, bias, module.stride, padding, module.dilation, module.groups)
         budget = resolve_chunk_bytes(chunk_bytes, input.device)
         return _LeanConv.apply(input, weight, bias, tuple(module.stride), tuple(padding), tuple(module.dilation),
                                module.groups, packed, budget)
@@ -130,7 +130,7 @@ class _LeanConv(torch.autograd.Function):
         ctx.weight = weight
         ctx.weight_version = weight._version
         ctx.conf = (stride, padding, dilation, groups, chunk_bytes, None if bias is None else tuple(bias.shape))
-        ctx.x_meta = (tuple(x.shape), tuple(x.stride()), x.dtype)
+        ctx.x_meta = (tuple(x.shape), tuple(x.stride()))
         return out
 
     @staticmethod
@@ -159,7 +159,7 @@ class _LeanConv(torch.autograd.Function):
 def _sliced_backward(packed: Any, grad_out: Tensor, weight: Tensor, x_meta: tuple, conf: tuple,
                      want: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     stride, padding, dilation, groups, chunk_bytes, bias_sizes = conf
-    shape, strides, dtype = x_meta
+    shape, strides = x_meta
     packed.check_version()
     n = shape[0]
     per_sample = (grad_out[0].numel() + (torch.Size(shape[1:]).numel())) * grad_out.element_size()
