@@ -60,7 +60,10 @@ def test_exact_routing_masks_are_applied_in_pieces(piece, module, monkeypatch):
     whole = codec.decode(payload)
     assert _same(got, whole)
     monkeypatch.setenv("MEMCOMP_KERNELS", "torch")
-    low, high = (0.0, float("inf")) if isinstance(module, nn.LeakyReLU) else (float(module.min_val), float(module.max_val))
+    if isinstance(module, nn.LeakyReLU):
+        low, high = 0.0, float("inf")
+    else:
+        low, high = float(module.min_val), float(module.max_val)
     flat = x.detach().reshape(-1)
     monkeypatch.setattr(bitpack, "MASK_CHUNK", piece)
     assert torch.equal(threshold_mask(flat, low, high).bits, pack_mask((flat > low) & (flat < high)))

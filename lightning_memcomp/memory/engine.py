@@ -323,9 +323,9 @@ class SavedTensorEngine:
         min_bytes: tensors smaller than this pass through untouched.
         ledger: the ledger to fill (a new one by default); it is reset on each ``__enter__``.
         conv_chunk_bytes: ``0`` (the default: the modules run unchanged), or the convolutions with a
-            compressing codec (``nn.Conv1d/2d/3d``; not the identity) run a backward that decodes their saved input a slice of the batch at a time,
-            slices of about this many bytes (``None``: 4 MiB on CPU, 64 MiB on CUDA); see
-            :mod:`lightning_memcomp.memory.lean_conv`.
+            compressing codec (``nn.Conv1d/2d/3d``; not the identity) run a backward that decodes their saved
+            input a slice of the batch at a time, slices of about this many bytes (``None``: 4 MiB on CPU,
+            64 MiB on CUDA); see :mod:`lightning_memcomp.memory.lean_conv`.
         seed: base seed of the codecs' random streams (stochastic rounding); default
             ``torch.initial_seed()`` at each start.
 
@@ -528,7 +528,8 @@ class SavedTensorEngine:
         hi = lo + _span(tuple(tensor.shape), tuple(tensor.stride()))
         for region in regions:
             packed = region.packed()
-            if packed is None or region.storage.expired() or packed.version != tensor._version or packed.dtype != tensor.dtype:
+            if (packed is None or region.storage.expired() or packed.version != tensor._version
+                    or packed.dtype != tensor.dtype):
                 continue
             if region.offset <= lo and hi <= region.offset + region.span:
                 return region, packed
