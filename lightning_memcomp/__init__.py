@@ -8,6 +8,8 @@ Techniques (each usable without Lightning, each with a callback):
 * activation compression for backward (BLPA, Chakrabarti & Moseley, NeurIPS 2019; Vu et al., TMLR 2024):
   :func:`compress_activations`, :class:`ActivationCompression`
 * memory measurement: :func:`track_saved_tensors`, :class:`MemoryMonitor`
+* the alternative they are compared with, activation checkpointing: :func:`checkpoint_forward`,
+  :class:`ActivationCheckpointing`
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ _LAZY = {
     "slice_generate": "lightning_memcomp.csg",
     "fold_slices": "lightning_memcomp.csg",
     "ConvSliceGeneration": "lightning_memcomp.csg",
+    "ActivationCheckpointing": "lightning_memcomp.recompute",
+    "checkpoint_forward": "lightning_memcomp.recompute",
     "MemCompSingleDeviceStrategy": "lightning_memcomp.strategies",
     "DDPMemCompStrategy": "lightning_memcomp.strategies",
 }

@@ -31,11 +31,6 @@ class Checkpointed(nn.Module):
         return self.block(*args, **kwargs)
 
 
-def _is_block(module: nn.Module, name: str) -> bool:
-    cls = type(module).__name__
-    return cls.endswith("Block") or cls.endswith("Bottleneck") or cls in ("ResidualUnit", "_DenseLayer")
-
-
 def checkpoint_blocks(model: nn.Module, modules: Sequence[str] | None = None) -> list[str]:
     """Wrap, in place, the outermost selected blocks of ``model`` in :class:`Checkpointed`; returns their names.
 
@@ -47,9 +42,10 @@ def checkpoint_blocks(model: nn.Module, modules: Sequence[str] | None = None) ->
     Raises:
         ValueError: the selection matched no module.
     """
+    from lightning_memcomp.recompute import is_block
     from lightning_memcomp.surgery import module_filter
 
-    select = module_filter(list(modules) if modules else None, _is_block, option="--checkpoint-modules")
+    select = module_filter(list(modules) if modules else None, is_block, option="--checkpoint-modules")
     wrapped: list[str] = []
     for name, module in list(model.named_modules()):
         if not name or isinstance(module, Checkpointed) or any(name.startswith(w + ".") for w in wrapped):
