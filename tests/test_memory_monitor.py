@@ -1,4 +1,4 @@
-"""MemoryMonitor inside real Trainer.fit runs: TensorBoard events, CSV, figure, DDP rank 0."""
+"""MemoryMonitor inside real Trainer.fit runs: TensorBoard events, CSV, figure, step time, progress bar, DDP rank 0."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from lightning_memcomp import MemoryMonitor
-from lightning_memcomp.memory.monitor import KEYS
+from lightning_memcomp.memory.monitor import KEYS, memory_figure
 
 
 class TinyModule(pl.LightningModule):
@@ -40,13 +41,14 @@ def _loader(n: int = 48, batch: int = 8) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(ds, batch_size=batch)
 
 
-def _fit(tmp_path: Path, monitor: MemoryMonitor, epochs: int = 1) -> pl.Trainer:
+def _fit(tmp_path: Path, monitor: MemoryMonitor, epochs: int = 1, module: pl.LightningModule | None = None,
+         loader: torch.utils.data.DataLoader | None = None) -> pl.Trainer:
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=TensorBoardLogger(tmp_path, name="tb"), callbacks=[monitor],
+        max_epochs=epochs, logger=TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False), callbacks=[monitor],
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         accelerator="cpu", devices=1,
     )
-    trainer.fit(TinyModule(), _loader())
+    trainer.fit(module or TinyModule(), loader or _loader())
     return trainer
 
 
@@ -69,11 +71,13 @@ def test_scalars_are_written_on_the_cadence(fitted) -> None:
                 "memory/rss_forward_delta_mib", "memory/peak_mib"}
     assert expected <= set(acc.Tags()["scalars"])
     assert set(acc.Tags()["scalars"]) <= set(KEYS)
+    assert "hp_metric" not in acc.Tags()["scalars"]  # the monitor logs no hyperparameters
     assert [e.step for e in acc.Scalars("memory/held_raw_mib")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("time/step_s")] == [0, 2, 4]
 
 
 def test_cpu_step_peak_is_logged_from_vmhwm(fitted) -> None:
-    trainer, monitor = fitted
+    trainer, _ = fitted
     acc = _events(trainer)
     peaks = [e.value for e in acc.Scalars("memory/peak_mib")]
     rss = [e.value for e in acc.Scalars("memory/rss_mib")]
@@ -92,6 +96,104 @@ def test_held_bytes_match_the_model(fitted) -> None:
     assert raw == stored
     # plus the passthrough input (8x1x16x16 fp32, no grad) and the flatten/linear input view
     assert expected <= raw[0] <= expected + (8 * 256 * 4 + 8 * 128 * 4) / 2**20
+
+
+def test_trainable_parameters_are_logged_once(fitted) -> None:
+    trainer, monitor = fitted
+    expected = sum(p.numel() for p in trainer.lightning_module.parameters() if p.requires_grad)
+    events = _events(trainer).Scalars("model/trainable_params")
+    assert [(e.step, e.value) for e in events] == [(0, expected)]
+    assert monitor.history[0]["model/trainable_params"] == expected
+    assert all("model/trainable_params" not in row for row in monitor.history[1:])
+    with open(Path(trainer.log_dir) / "memory_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["model/trainable_params"]) == expected and rows[1]["model/trainable_params"] == ""
+
+
+class Sleepy(TinyModule):
+    """Sleeps ``naps[global_step]`` seconds in each training step."""
+
+    def __init__(self, naps: dict[int, float]) -> None:
+        super().__init__()
+        self.naps = naps
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.naps.get(self.global_step, 0.0))
+        return super().training_step(batch, batch_idx)
+
+
+def test_step_time_is_the_median_of_the_steps_between_logs(tmp_path) -> None:
+    # logged steps 0 and 4; steps 1-3 are not instrumented and sleep 0.02, 0.06, 0.2 s: the median is 0.06 s
+    monitor = MemoryMonitor(every_n_steps=4)
+    _fit(tmp_path, monitor, module=Sleepy({0: 0.01, 1: 0.02, 2: 0.06, 3: 0.2}), loader=_loader(n=40))
+    times = {int(row["step"]): row["time/step_s"] for row in monitor.history}
+    assert sorted(times) == [0, 4]
+    assert times[0] >= 0.01  # nothing before the first log: the logged step's own time
+    assert 0.06 <= times[4] < 0.2
+
+
+def test_every_step_logged_gives_each_step_its_own_time(tmp_path) -> None:
+    monitor = MemoryMonitor(every_n_steps=1)
+    _fit(tmp_path, monitor, module=Sleepy({1: 0.05}), loader=_loader(n=24))
+    times = [row["time/step_s"] for row in monitor.history]
+    assert len(times) == 3 and times[1] >= 0.05
+
+
+def test_prog_bar_shows_step_peak_and_held_ratio(tmp_path, fitted) -> None:
+    monitor = MemoryMonitor(every_n_steps=2, prog_bar=True)
+    trainer = _fit(tmp_path, monitor)
+    bar = trainer.progress_bar_metrics
+    last = monitor.history[-1]
+    assert bar["peak_mib"] == pytest.approx(last["memory/peak_mib"])
+    assert bar["held_x"] == pytest.approx(last["memory/held_ratio"])
+    assert "peak_mib" not in _events(trainer).Tags()["scalars"]  # progress bar only, the raw keys stay
+    trainer_off, _ = fitted  # prog_bar=False, the default
+    assert not {"peak_mib", "held_x"} & set(trainer_off.progress_bar_metrics)
+
+
+READABLE_CPU = {"step peak (VmHWM, whole process)", "held for backward, dense (raw)", "held for backward, stored",
+                "RSS at step end", "step time (median of the steps between logs)"}
+
+
+def _legends(fig) -> list[list[str]]:
+    return [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+
+
+def test_memory_curves_png_has_readable_legends(fitted) -> None:
+    trainer, monitor = fitted
+    assert (Path(trainer.log_dir) / "memory_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig = memory_figure(monitor.history, "cpu")
+    try:
+        legends = _legends(fig)
+        texts = {t for legend in legends for t in legend}
+        assert texts == READABLE_CPU
+        assert all(len(legend) <= 2 for legend in legends)  # one panel per kind of figure
+        assert not any("/" in t for t in texts)
+        assert "memory/rss_forward_delta_mib" in monitor.history[0]  # logged, but not drawn (it can go negative)
+        assert fig.axes[-1].get_xlabel() == "training step"
+        assert [ax.get_ylabel() for ax in fig.axes] == ["memory (MiB)"] * 3 + ["time (s)"]
+        assert "trainable parameters" in fig._suptitle.get_text()
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_memory_figure_names_the_cuda_readings() -> None:
+    import matplotlib.pyplot as plt
+
+    row = {k: 1.0 for k in KEYS if not k.startswith("memory/rss")}
+    history = [{"step": float(s), **row} for s in range(3)]
+    fig = memory_figure(history, "cuda")
+    try:
+        legends = _legends(fig)
+        assert legends[0] == ["step peak (max allocated)"]
+        assert "reserved by the caching allocator" in legends[2]
+        assert legends[3] == ["step time (every step logged)"]
+        assert not any("/" in t for legend in legends for t in legend)
+    finally:
+        plt.close(fig)
+    assert memory_figure([{"step": 0.0}], "cpu") is None
 
 
 def test_layout_table_and_figure_are_in_tensorboard(fitted) -> None:

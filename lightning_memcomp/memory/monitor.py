@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import os
+import statistics
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine
 from lightning_memcomp.memory.ledger import Ledger, MiB
 from lightning_memcomp.memory.readings import NVMLReader, cuda_counters, peak_rss, process_rss, reset_peak_rss
 
-__all__ = ["KEYS", "MemoryMonitor"]
+__all__ = ["KEYS", "PROG_BAR_NAMES", "MemoryMonitor", "memory_figure"]
 
 #: Every key MemoryMonitor may log, with its meaning. Sizes are MiB; counts are plain numbers.
 KEYS: dict[str, str] = {
@@ -26,7 +29,8 @@ KEYS: dict[str, str] = {
     "memory/held_stored_mib": "bytes actually kept for backward after encoding (ledger)",
     "memory/held_ratio": "held_raw / held_stored (1.0 without compression)",
     "memory/rss_mib": "process resident set size at the end of the step (CPU runs)",
-    "memory/rss_forward_delta_mib": "RSS growth across the forward pass (CPU runs)",
+    "memory/rss_forward_delta_mib": "RSS growth across the forward pass (CPU runs); can be negative, when the "
+    "allocator hands freed memory back to the operating system during the forward",
     "memory/alloc_before_forward_mib": "torch.cuda.memory_allocated() right before the forward pass",
     "memory/alloc_after_forward_mib": "torch.cuda.memory_allocated() right after the forward pass",
     "memory/forward_delta_mib": "after-forward minus before-forward allocated: what the forward leaves alive",
@@ -39,21 +43,131 @@ KEYS: dict[str, str] = {
     "memory/alloc_retries": "cumulative cudaMalloc retries after freeing the cache",
     "memory/oom_count": "cumulative out-of-memory errors seen by the allocator",
     "memory/nvml_used_mib": "device memory in use as NVML reports it (all processes)",
+    "time/step_s": "wall seconds of a training step (on_train_batch_start to on_train_batch_end, CUDA-synchronised "
+    "at its end): the median of the steps since the previous log on which the monitor did not log (those are "
+    "slower: it resets the peak counters and may track saved tensors itself), or that logged step's own time "
+    "when every step is logged (every_n_steps=1)",
+    "model/trainable_params": "trainable parameters of the LightningModule, logged once at train start",
 }
 
+#: TensorBoard custom-scalars layout: chart title -> the keys on it (raw key names, as TensorBoard shows them).
 _PANELS: dict[str, list[str]] = {
+    "step peak (MiB)": ["memory/peak_mib"],
     "held for backward (MiB)": ["memory/held_raw_mib", "memory/held_stored_mib"],
     "CUDA allocated (MiB)": [
         "memory/alloc_before_forward_mib",
         "memory/alloc_after_forward_mib",
         "memory/alloc_after_backward_mib",
         "memory/alloc_after_step_mib",
-        "memory/peak_mib",
         "memory/reserved_mib",
         "memory/nvml_used_mib",
     ],
-    "process RSS (MiB)": ["memory/rss_mib", "memory/rss_forward_delta_mib", "memory/peak_mib"],
+    "process RSS (MiB)": ["memory/rss_mib", "memory/rss_forward_delta_mib"],
+    "step time (s)": ["time/step_s"],
 }
+
+#: Progress-bar names of the keys shown with ``prog_bar=True``.
+PROG_BAR_NAMES: dict[str, str] = {"memory/peak_mib": "peak_mib", "memory/held_ratio": "held_x"}
+
+
+def _figure_panels(device_kind: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """The panels of :func:`memory_figure`: (title, y-axis label, [(key, legend label)]), for ``"cpu"``/``"cuda"``."""
+    cuda = device_kind == "cuda"
+    peak = "step peak (max allocated)" if cuda else "step peak (VmHWM, whole process)"
+    if cuda:
+        totals = (
+            "CUDA allocator totals",
+            [
+                ("memory/alloc_before_forward_mib", "allocated before forward"),
+                ("memory/alloc_after_forward_mib", "allocated after forward"),
+                ("memory/alloc_after_backward_mib", "allocated after backward"),
+                ("memory/alloc_after_step_mib", "allocated after optimizer step"),
+                ("memory/reserved_mib", "reserved by the caching allocator"),
+                ("memory/nvml_used_mib", "device memory in use (NVML, all processes)"),
+            ],
+        )
+    else:
+        # memory/rss_forward_delta_mib stays out of the figure: it goes negative whenever the allocator returns
+        # memory to the OS during the forward, and what it approximates is drawn exactly in the held panel
+        totals = ("Process totals", [("memory/rss_mib", "RSS at step end")])
+    return [
+        ("Step peak", "memory (MiB)", [("memory/peak_mib", peak)]),
+        (
+            "Held for backward per step",
+            "memory (MiB)",
+            [
+                ("memory/held_raw_mib", "held for backward, dense (raw)"),
+                ("memory/held_stored_mib", "held for backward, stored"),
+            ],
+        ),
+        (totals[0], "memory (MiB)", totals[1]),
+        ("Training step time", "time (s)", [("time/step_s", "step time")]),
+    ]
+
+
+def _mib(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def memory_figure(history: list[dict[str, float]], device_kind: str = "cpu") -> Any:
+    """A matplotlib figure of MemoryMonitor's curves: one panel per kind of figure, readable labels with units.
+
+    Panels, each drawn only when ``history`` has its keys: the step peak, the bytes held for backward
+    (dense and stored), the process (CPU) or caching-allocator (CUDA) totals, and the step time. The raw
+    keys stay what TensorBoard and the CSV use; the figure shows them by name (see :data:`KEYS`).
+
+    Args:
+        history: rows as in :attr:`MemoryMonitor.history` (``"step"`` and any keys of :data:`KEYS`).
+        device_kind: ``"cuda"`` or ``"cpu"``: which reading the step peak is, and which totals are drawn.
+
+    Returns:
+        The figure, or ``None`` when ``history`` has none of the drawn keys.
+    """
+    import matplotlib
+
+    if os.environ.get("MPLBACKEND") is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for title, ylabel, series in _figure_panels(device_kind):
+        present = [(key, label) for key, label in series if any(key in row for row in history)]
+        if present:
+            panels.append((title, ylabel, present))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels) + 0.6), sharex=True, squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[:, 0], panels):
+        for key, label in series:
+            points = [(row["step"], row[key]) for row in history if key in row]
+            if key == "time/step_s":
+                steps = [step for step, _ in points]
+                every_step = all(b - a == 1 for a, b in itertools.pairwise(steps))
+                label += " (every step logged)" if every_step else " (median of the steps between logs)"
+            style = "--" if key == "memory/held_raw_mib" else "-"  # visible under "stored" when nothing is compressed
+            ax.plot(*zip(*points), style, label=label, marker="o" if len(points) <= 30 else None, markersize=3)
+        if title.startswith("Held"):
+            ax.set_ylim(bottom=0)
+            full = max((row for row in history if "memory/held_raw_mib" in row), key=lambda r: r["memory/held_raw_mib"],
+                       default=None)
+            if full is not None and full.get("memory/held_stored_mib"):
+                raw, stored = full["memory/held_raw_mib"], full["memory/held_stored_mib"]
+                title += f" (largest: {_mib(raw)} MiB dense -> {_mib(stored)} MiB stored, {raw / stored:.2f}x)"
+        elif ylabel.startswith("time"):
+            ax.set_ylim(bottom=0)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        ax.set_title(title, fontsize="medium")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    axes[-1, 0].set_xlabel("training step")
+    params = next((row["model/trainable_params"] for row in history if "model/trainable_params" in row), None)
+    heading = f"MemoryMonitor, {'CUDA' if device_kind == 'cuda' else 'CPU'} run"
+    if params is not None:
+        heading += f", {int(params):,} trainable parameters"
+    fig.suptitle(heading)
+    fig.tight_layout()
+    return fig
 
 
 class MemoryMonitor(Callback):
@@ -70,6 +184,11 @@ class MemoryMonitor(Callback):
     callback or ``memcomp`` strategy when one is present; otherwise the monitor tracks saved tensors
     itself (identity codec, only on logged steps).
 
+    It also times every training step (``time/step_s``: the median of the steps between logs, which the
+    monitor does not instrument) and logs the trainable parameter count once at train start
+    (``model/trainable_params``). It never logs hyperparameters; TensorBoard's ``hp_metric`` placeholder
+    comes from ``TensorBoardLogger(default_hp_metric=True)``, Lightning's default.
+
     Args:
         every_n_steps: log every this many training steps.
         held_for_backward: account saved tensors (the ledger) on logged steps.
@@ -83,6 +202,8 @@ class MemoryMonitor(Callback):
         write_files: write the CSV, the figure and the module table into the log directory (only when
             the trainer has a logger: with ``logger=False`` or ``fast_dev_run`` the series stay in
             :attr:`history`).
+        prog_bar: also show the step peak and the held ratio in Lightning's progress bar, as ``peak_mib``
+            and ``held_x`` (see :data:`PROG_BAR_NAMES`), updated on logged steps.
 
     Raises:
         ValueError: non-positive ``every_n_steps``, or a ``snapshot_steps`` window that is not
@@ -90,7 +211,8 @@ class MemoryMonitor(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[MemoryMonitor(every_n_steps=10)], logger=TensorBoardLogger("logs"))
+        trainer = Trainer(callbacks=[MemoryMonitor(every_n_steps=10, prog_bar=True)],
+                          logger=TensorBoardLogger("logs", default_hp_metric=False))
     """
 
     def __init__(
@@ -103,6 +225,7 @@ class MemoryMonitor(Callback):
         snapshot_on_oom: bool = False,
         snapshot_max_entries: int = 100_000,
         write_files: bool = True,
+        prog_bar: bool = False,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
@@ -118,6 +241,7 @@ class MemoryMonitor(Callback):
         self.snapshot_on_oom = snapshot_on_oom
         self.snapshot_max_entries = snapshot_max_entries
         self.write_files = write_files
+        self.prog_bar = prog_bar
         self.history: list[dict[str, float]] = []
         self._engine: SavedTensorEngine | None = None
         self._provider: Any = None
@@ -132,6 +256,10 @@ class MemoryMonitor(Callback):
         self._recording = False
         self._files_written = False
         self._dir: Path | None = None
+        self._step_start = 0.0
+        self._step_times: list[float] = []  # seconds of the unlogged steps since the last log
+        self._synced = False  # CUDA: the queue was drained at the end of the previous training step
+        self._once: dict[str, float] = {}  # logged at train start, joins the next history row
 
     # -- setup -----------------------------------------------------------------------------------
     @override
@@ -159,6 +287,12 @@ class MemoryMonitor(Callback):
         self._dir = Path(trainer.log_dir or trainer.default_root_dir)
         if self._cuda and self.snapshot_on_oom:
             self._start_recording()
+        self._synced = False
+        params = float(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
+        if trainer.is_global_zero:
+            self._once = {"model/trainable_params": params}
+            for logger in trainer.loggers:
+                logger.log_metrics(self._once, step=trainer.global_step)
         if trainer.is_global_zero and not self._layout_written:
             keys = self._device_keys()
             layout = {
@@ -181,15 +315,28 @@ class MemoryMonitor(Callback):
             keys |= {"memory/rss_mib", "memory/rss_forward_delta_mib"}
             if self._peak_rss:
                 keys.add("memory/peak_mib")
-        return keys
+        return keys | {"time/step_s"}
 
     # -- the step --------------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._synced = False
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._synced = False  # the next training step starts after validation's queued work
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if self._cuda and self.snapshot_steps and step == self.snapshot_steps[0] and not self._recording:
             self._start_recording()
         self._logging = step % self.every_n_steps == 0
+        if self._cuda and not self._synced:  # only after work of other loops (validation, first step)
+            torch.cuda.synchronize(self._device)
+        self._step_start = time.perf_counter()
         if not self._logging:
             return
         self._step_values = {"step": float(step)}
@@ -229,11 +376,21 @@ class MemoryMonitor(Callback):
             self._step_values["memory/alloc_after_backward_mib"] = torch.cuda.memory_allocated(self._device) / MiB
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+            self._synced = True
+        seconds = time.perf_counter() - self._step_start
         if self._engine is not None and self._engine.active:  # the step skipped backward
             self._engine.stop()
         if self._logging:
+            times, self._step_times = self._step_times, []
+            self._step_values["time/step_s"] = statistics.median(times) if times else seconds
             self._finish_step(trainer, pl_module)
+        else:
+            self._step_times.append(seconds)
         if (
             self._cuda
             and self.snapshot_steps
@@ -272,7 +429,13 @@ class MemoryMonitor(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
-            self.history.append({"step": float(step), **values})
+            self.history.append({"step": float(step), **values, **self._once})
+            self._once = {}
+        if self.prog_bar:
+            for key, name in PROG_BAR_NAMES.items():
+                if key in values:
+                    pl_module.log(name, values[key], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                                  batch_size=1)
 
     def _ledger(self) -> Ledger | None:
         if self._provider is not None:
@@ -323,27 +486,7 @@ class MemoryMonitor(Callback):
         plt.close(figure)
 
     def _figure(self) -> Any:
-        import matplotlib
-
-        if os.environ.get("MPLBACKEND") is None:
-            matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        panels = [(title, [k for k in keys if any(k in row for row in self.history)]) for title, keys in _PANELS.items()]
-        panels = [(t, ks) for t, ks in panels if ks]
-        if not panels:
-            return None
-        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), squeeze=False)
-        steps = [row["step"] for row in self.history]
-        for ax, (title, keys) in zip(axes[:, 0], panels):
-            for key in keys:
-                ax.plot(steps, [row.get(key, float("nan")) for row in self.history], label=key.split("/", 1)[1])
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.set_ylabel("MiB")
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        return fig
+        return memory_figure(self.history, "cuda" if self._cuda else "cpu")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
