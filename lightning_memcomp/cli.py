@@ -2,20 +2,26 @@
 
 ::
 
-    memcomp fit --config recipes/configs/digits_quant4.yaml           # train, test, print a summary
-    memcomp fit --config recipes/configs/digits_baseline.yaml --trainer.max_epochs=3
-    memcomp fit --config recipes/configs/digits_baseline.yaml \\
-        --trainer.callbacks+=ActivationCompression --trainer.callbacks.codec=quant --trainer.callbacks.bits=2
-    memcomp test --config recipes/configs/digits_quant4.yaml --ckpt_path path/to/last.ckpt
-    memcomp bench ...                                                  # the benchmark (lightning_memcomp.bench)
-    memcomp kernels --build                                            # compile the C++/CUDA kernels
+    memcomp fit --config digits_quant4                     # a shipped config by name: train, test, summarize
+    memcomp fit --config digits_baseline --technique csg+quant:4 --trainer.max_epochs=3
+    memcomp fit --config my_run.yaml                       # a path works too
+    memcomp test --config digits_quant4 --ckpt_path path/to/last.ckpt
+    memcomp configs                                        # the shipped configs
+    memcomp compare memcomp_logs                           # runs side by side: memory, time, accuracy
+    memcomp bench ...                                      # the benchmark (lightning_memcomp.bench)
+    memcomp kernels --build                                # compile the C++/CUDA kernels
 
 Models and data are given in subclass mode (``class_path: ImageClassifier``, ``class_path:
 DigitsDataModule``; any LightningModule/LightningDataModule by full import path also works). Our
 callbacks (``ActivationCompression``, ``MemoryMonitor``, ``BandLimiting``, ``ConvSliceGeneration``) and
 strategies (``memcomp``, ``ddp_memcomp``) resolve by short name because this module imports them before
-parsing. After ``fit`` the command runs ``test`` on the trained weights (``--test_after_fit=false`` to
-skip) and prints a summary: test metrics, bytes held for backward raw vs stored, and where the logs are.
+parsing. ``--technique`` replaces the config's technique callbacks by the ones a method spec names
+(:mod:`lightning_memcomp.techniques`). After ``fit`` the command runs ``test`` on the trained weights
+(``--test_after_fit=false`` to skip) and prints a summary: test metrics, bytes held for backward raw vs stored,
+and where the logs are.
+
+Our own errors (a bad option value, a refused combination, missing data or dependency) print as one short
+message and exit with status 2; ``--debug`` (or ``MEMCOMP_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+
+from lightning_memcomp.short_errors import debug_requested, short_message
+from lightning_memcomp.techniques import apply_technique, parse_technique, run_name, technique_help
 
 __all__ = ["MemcompCLI", "check_combination", "format_summary", "main", "register_components"]
 
@@ -43,6 +52,7 @@ COMPONENT_MODULES = (
     "lightning_memcomp.memory.monitor",
     "lightning_memcomp.bandlimit.callback",
     "lightning_memcomp.csg.callback",
+    "lightning_memcomp.recompute",
     "lightning_memcomp.strategies",
 )
 
@@ -70,6 +80,33 @@ def _named(trainer: Trainer, class_name: str) -> list[Any]:
     return [cb for cb in trainer.callbacks if type(cb).__name__ == class_name]  # type: ignore[attr-defined]
 
 
+def combination_problem(callbacks: Sequence[tuple[str, Any]], compressing_strategy: str | None) -> str | None:
+    """Why a set of callbacks and a strategy cannot work together, or ``None`` when they can.
+
+    ``callbacks`` are ``(class name, its modules= selection)`` pairs; ``compressing_strategy`` names the
+    strategy when it compresses activations itself (``memcomp``, ``ddp_memcomp``), else ``None``. The rules
+    are those of :func:`check_combination`.
+    """
+    names = [name for name, _ in callbacks]
+    compressors = names.count("ActivationCompression")
+    if compressors > 1:
+        return (f"{compressors} ActivationCompression callbacks were given; saved-tensor engines do not nest, so "
+                "use one (its `modules=` option selects the layers; --technique replaces the config's)")
+    if compressors and compressing_strategy:
+        return (f"ActivationCompression callback together with strategy {compressing_strategy}, which compresses "
+                "activations too: use either the callback or the memcomp strategy, not both")
+    modules = dict(callbacks)
+    if "BandLimiting" in modules and "ConvSliceGeneration" in modules and modules["BandLimiting"] is None \
+            and modules["ConvSliceGeneration"] is None:
+        return ("BandLimiting and ConvSliceGeneration both convert the k x k convolutions by default, so they would "
+                "compete for the same layers; give one of them `modules=` (class names or qualified-name globs) so "
+                "they select different layers")
+    return None
+
+
+_COMPRESSING_STRATEGIES = ("memcomp", "ddp_memcomp", "MemCompSingleDeviceStrategy", "DDPMemCompStrategy")
+
+
 def check_combination(trainer: Trainer) -> None:
     """Refuse callback/strategy combinations that cannot work together (raises ``ValueError``).
 
@@ -77,26 +114,32 @@ def check_combination(trainer: Trainer) -> None:
       wrap the same training forward in a saved-tensor engine, and engines do not nest;
     * ``BandLimiting`` and ``ConvSliceGeneration`` both on their default selection: both replace the
       same k x k convolutions; give one of them ``modules=`` so they take different layers.
+
+    ``memcomp`` applies the same rules to the parsed config, before anything is built.
     """
-    compressors = _named(trainer, "ActivationCompression")
-    if len(compressors) > 1:
-        raise ValueError(
-            f"{len(compressors)} ActivationCompression callbacks were given; saved-tensor engines do not nest, so "
-            "use one (its `modules=` option selects the layers, one codec per run)"
-        )
-    strategy = trainer.strategy
-    if compressors and hasattr(strategy, "memcomp_ledger"):
-        raise ValueError(
-            f"ActivationCompression callback together with strategy {type(strategy).__name__}, which compresses "
-            "activations too: use either the callback or the memcomp strategy, not both"
-        )
-    band, csg = _named(trainer, "BandLimiting"), _named(trainer, "ConvSliceGeneration")
-    if band and csg and getattr(band[0], "modules", None) is None and getattr(csg[0], "modules", None) is None:
-        raise ValueError(
-            "BandLimiting and ConvSliceGeneration both convert the k x k convolutions by default, so they would "
-            "compete for the same layers; give one of them `modules=` (class names or qualified-name globs) so "
-            "they select different layers"
-        )
+    callbacks = [(type(cb).__name__, getattr(cb, "modules", None))
+                 for cb in trainer.callbacks]  # type: ignore[attr-defined]
+    strategy = type(trainer.strategy).__name__ if hasattr(trainer.strategy, "memcomp_ledger") else None
+    problem = combination_problem(callbacks, strategy)
+    if problem:
+        raise ValueError(problem)
+
+
+def _config_combination(config: Any) -> str | None:
+    """:func:`combination_problem` of a parsed LightningCLI config (a subcommand's namespace)."""
+    trainer = config.get("trainer") or {}
+    entries = trainer.get("callbacks") or []
+    entries = entries if isinstance(entries, list) else [entries]
+    callbacks = []
+    for entry in entries:
+        name = str(entry.get("class_path", "") if hasattr(entry, "get") else "").rsplit(".", 1)[-1]
+        init = entry.get("init_args") if hasattr(entry, "get") else None
+        callbacks.append((name, init.get("modules") if init is not None and hasattr(init, "get") else None))
+    strategy = trainer.get("strategy")
+    if strategy is not None and not isinstance(strategy, str):
+        strategy = str(strategy.get("class_path", "") if hasattr(strategy, "get") else type(strategy).__name__)
+        strategy = strategy.rsplit(".", 1)[-1]
+    return combination_problem(callbacks, strategy if strategy in _COMPRESSING_STRATEGIES else None)
 
 
 def _held_for_backward(trainer: Trainer) -> tuple[float, float, str] | None:
@@ -190,7 +233,16 @@ class MemcompCLI(LightningCLI):
         self.summary_text: str | None = None
         super().__init__(*args, **kwargs)
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # parse errors are raised, not printed with the whole usage: `main` prints them short (see --debug)
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--technique", type=Optional[str], default=None,
+                            help="Replace the config's technique callbacks (ActivationCompression, BandLimiting, "
+                                 "ConvSliceGeneration, ActivationCheckpointing) by the ones this names, and name the "
+                                 f"run after it: {technique_help()}.")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, run test on the trained weights (when the data has a test split).")
         parser.add_argument("--summary", type=bool, default=True,
@@ -199,16 +251,58 @@ class MemcompCLI(LightningCLI):
     def _option(self, name: str, default: Any) -> Any:
         return self._get(self.config, name, default)
 
-    def before_instantiate_classes(self) -> None:
-        # Lightning itself rejects two callbacks of one stateful class with a generic message when the
-        # Trainer is built; say what is wrong before that.
-        callbacks = self._get(self.config, "trainer", {}).get("callbacks") or []
-        names = [str(getattr(cb, "class_path", "")).rsplit(".", 1)[-1] for cb in callbacks]
-        if names.count("ActivationCompression") > 1:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("technique"):
+            config = self._with_technique(config, subcommand)
+            if subcommand:
+                self.config[subcommand] = config
+            else:
+                self.config = config
+        # refuse what cannot work before anything is built (and before Lightning prints its banner)
+        problem = _config_combination(config)
+        if problem:
+            raise ValueError(problem)
+
+    def _with_technique(self, config: Any, subcommand: str | None) -> Any:
+        """``config`` with its technique callbacks replaced by those of ``--technique`` (and the run renamed)."""
+        spec = config.technique
+        technique = parse_technique(spec)
+        config = config.clone()
+        trainer = config.trainer
+        strategy = trainer.get("strategy")
+        strategy_name = strategy if isinstance(strategy, str) else str(getattr(strategy, "class_path", ""))
+        if strategy_name.rsplit(".", 1)[-1] in _COMPRESSING_STRATEGIES and any(
+            "ActivationCompression" in cb["class_path"] for cb in technique.callbacks
+        ):
             raise ValueError(
-                f"{names.count('ActivationCompression')} ActivationCompression callbacks were given; saved-tensor "
-                "engines do not nest, so use one (its `modules=` option selects the layers, one codec per run)"
+                f"--technique={spec!r} compresses activations and --trainer.strategy={strategy_name} does too; use "
+                "--trainer.strategy=auto (or ddp) with --technique, or leave --technique out"
             )
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        entries = [cb.as_dict() if hasattr(cb, "as_dict") else cb for cb in callbacks]
+        update: dict[str, Any] = {"callbacks": apply_technique(entries, technique)}
+        if technique.precision:
+            update["precision"] = technique.precision
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None)
+            if init is not None and isinstance(init.get("name"), str):
+                init.name = run_name(init.name, technique)
+        trainer.callbacks = None  # replaced, not merged entry by entry with the config's list
+        config = self._parser(subcommand).parse_object({"trainer": update}, namespace=config)
+        config.technique = technique.spec
+        return config
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # missing data is the user's to fix: say so before the Trainer is built (and prints its banner)
+        check = getattr(self.datamodule, "check_data", None)
+        if self.subcommand is not None and callable(check):
+            check()
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         check_combination(self.trainer)
@@ -253,17 +347,45 @@ def _print(text: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``memcomp`` console script.
+    """Entry point of the ``memcomp`` console script; returns the exit status.
 
     ``memcomp bench ...`` runs :func:`lightning_memcomp.bench.main`, ``memcomp kernels ...``
-    :func:`lightning_memcomp.kernels.main` (``--build``, ``--list``); everything else is :class:`MemcompCLI`.
+    :func:`lightning_memcomp.kernels.main` (``--build``, ``--list``), ``memcomp configs`` lists the shipped
+    configs, ``memcomp compare RUN_DIR...`` compares runs; everything else is :class:`MemcompCLI`, with
+    ``--config NAME`` resolved among the shipped configs. A user's mistake prints one short message and
+    returns 2; ``--debug`` (or ``MEMCOMP_DEBUG=1``) raises it with its traceback instead.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "kernels":
+    args, debug = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _dispatch(args, from_console=argv is None)
+    except Exception as err:
+        message = None if debug else short_message(err, args)
+        if message is None:
+            raise
+        _print_error(message)
+        return 2
+
+
+def _print_error(message: str) -> None:
+    print(f"memcomp: error: {message}", file=sys.stderr)
+    print("(memcomp --debug ... or MEMCOMP_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+
+
+def _dispatch(args: list[str], from_console: bool) -> int:
+    command = args[0] if args else ""
+    if command == "kernels":
         from lightning_memcomp import kernels
 
         return kernels.main(args[1:])
-    if args and args[0] == "bench":
+    if command == "configs":
+        from lightning_memcomp import configs
+
+        return configs.main(args[1:])
+    if command == "compare":
+        from lightning_memcomp import compare
+
+        return int(compare.main(args[1:]) or 0)
+    if command == "bench":
         try:
             bench = importlib.import_module("lightning_memcomp.bench")
         except ModuleNotFoundError as err:
@@ -273,8 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         return int(bench.main(args[1:]) or 0)
-    # from the console script LightningCLI reads sys.argv itself (passing both makes it warn)
-    MemcompCLI(args=None if argv is None else args)
+    from lightning_memcomp.configs import resolve_config_args
+
+    args = resolve_config_args(args)
+    if from_console:  # LightningCLI reads sys.argv itself when run from the console script (both: it warns)
+        sys.argv[1:] = args
+        MemcompCLI(args=None)
+    else:
+        MemcompCLI(args=args)
     return 0
 
 

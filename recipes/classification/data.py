@@ -169,7 +169,9 @@ class CIFARDataModule(pl.LightningDataModule):
     def folder(self) -> Path:
         return Path(self.hparams.data_dir).expanduser().resolve() / _CIFAR[self.hparams.dataset]["folder"]
 
-    def _check_present(self) -> None:
+    def check_data(self) -> None:
+        """Raise ``FileNotFoundError`` (saying where it looked and how to fetch it) when the data is neither
+        here nor to be downloaded; ``memcomp`` calls it before building the Trainer."""
         if self.hparams.download or self.folder.is_dir():
             return
         raise FileNotFoundError(
@@ -180,7 +182,7 @@ class CIFARDataModule(pl.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        self._check_present()
+        self.check_data()
         if self.hparams.download:
             cls = _cifar_class(self.hparams.dataset, True)
             cls(self.hparams.data_dir, train=True, download=True)
@@ -196,7 +198,7 @@ class CIFARDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
-        self._check_present()
+        self.check_data()
         hp = self.hparams
         cls = _cifar_class(hp.dataset, hp.verify_md5)
         root = os.fspath(Path(hp.data_dir).expanduser())

@@ -178,7 +178,9 @@ class DecathlonDataModule(pl.LightningDataModule):
     def task_dir(self) -> Path:
         return Path(self.hparams.root_dir).expanduser().resolve() / self.hparams.task
 
-    def _check_present(self) -> None:
+    def check_data(self) -> None:
+        """Raise ``FileNotFoundError`` (saying where it looked and how to fetch it) when the data is neither
+        here nor to be downloaded; ``memcomp`` calls it before building the Trainer."""
         if self.hparams.download or (self.task_dir / "dataset.json").is_file():
             return
         raise FileNotFoundError(
@@ -195,7 +197,7 @@ class DecathlonDataModule(pl.LightningDataModule):
         self.in_channels = len(meta.get("modality", {})) or None
 
     def prepare_data(self) -> None:
-        self._check_present()
+        self.check_data()
         if self.hparams.download:
             from monai.apps import DecathlonDataset
 
@@ -228,7 +230,7 @@ class DecathlonDataModule(pl.LightningDataModule):
             return
         from monai.apps import DecathlonDataset
 
-        self._check_present()
+        self.check_data()
         self._read_properties()
         hp = self.hparams
         common = dict(root_dir=hp.root_dir, task=hp.task, download=False, seed=hp.seed, val_frac=hp.val_frac,
