@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_memcomp.short_errors import ShortArgumentParser
 from lightning_memcomp.techniques import technique_of
 
 __all__ = ["RunSummary", "build_parser", "compare", "compare_figure", "find_runs", "format_table", "main",
@@ -449,7 +450,7 @@ def compare(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ShortArgumentParser(
         prog=PROG,
         description="Compare training runs: step peak, bytes held for backward (raw/stored), step time, accuracy "
         "or Dice and trainable parameters, one row per run; writes a CSV and a bar chart beside the table.",

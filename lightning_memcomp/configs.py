@@ -7,7 +7,6 @@ wins. ``memcomp configs`` lists them with dataset, network, technique and a one-
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.resources
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning_memcomp.short_errors import ShortArgumentParser
 from lightning_memcomp.techniques import technique_of
 
 __all__ = ["ConfigInfo", "list_configs", "main", "resolve_config", "resolve_config_args", "shipped_configs"]
@@ -123,7 +123,7 @@ def format_configs(rows: Sequence[ConfigInfo], width: int | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``memcomp configs [--dataset NAME] [--paths]``: list the shipped configs; returns the exit status."""
-    parser = argparse.ArgumentParser(
+    parser = ShortArgumentParser(
         prog="memcomp configs",
         description="List the shipped recipe configs. Run one by name from any directory: "
                     "memcomp fit --config NAME [--technique SPEC].",

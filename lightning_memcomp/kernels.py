@@ -51,6 +51,8 @@ from typing import Iterator
 
 import torch
 
+from lightning_memcomp.short_errors import ShortArgumentParser
+
 __all__ = [
     "available_extensions",
     "backend",
@@ -252,9 +254,18 @@ def build_all(names: list[str] | None = None) -> dict[str, str]:
     extensions are skipped (name -> ``"skipped: ..."``) where no CUDA toolkit is found."""
     built = {}
     skip_cuda = names is None and not _cuda_toolkit()
+    # without a GPU, PyTorch cannot pick the architecture to compile for: TORCH_CUDA_ARCH_LIST must say it
+    no_arch = not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available()
     for name in names or available_extensions():
         if skip_cuda and name in cuda_extensions():
             built[name] = "skipped: no CUDA toolkit (nvcc) found"
+            continue
+        if no_arch and name in cuda_extensions():
+            reason = ("no GPU to take the architecture from and TORCH_CUDA_ARCH_LIST is not set; set it to the "
+                      "GPU's compute capability, e.g. TORCH_CUDA_ARCH_LIST=9.0 for an H100")
+            if names is not None:
+                raise ValueError(f"cannot compile the CUDA extension {name!r}: {reason}")
+            built[name] = f"skipped: {reason}"
             continue
         module = _load(name)
         built[name] = getattr(module, "__file__", "?")
@@ -262,7 +273,7 @@ def build_all(names: list[str] | None = None) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_memcomp.kernels", description=__doc__,
+    parser = ShortArgumentParser(prog="python -m lightning_memcomp.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", action="store_true", help="compile every extension in cuda/ (CUDA and CPU)")
     parser.add_argument("--list", action="store_true", help="list the extensions")

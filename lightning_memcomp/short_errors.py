@@ -8,6 +8,7 @@ shows the traceback of everything.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -15,7 +16,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEBUG_ENV", "MAX_MESSAGE_LINES", "callback_option_hint", "debug_requested", "short_message"]
+__all__ = ["DEBUG_ENV", "MAX_MESSAGE_LINES", "ShortArgumentParser", "callback_option_hint", "debug_requested",
+           "short_message"]
 
 DEBUG_ENV = "MEMCOMP_DEBUG"
 #: lines of a condensed message (the command adds one line pointing at --debug)
@@ -23,6 +25,14 @@ MAX_MESSAGE_LINES = 3
 _USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 _OUR_PACKAGES = ("lightning_memcomp", "recipes")
 _DETAIL = re.compile(r"not accepted|Unrecognized|unrecognized|Expected|not allowed|invalid|does not|must|No action")
+
+
+class ShortArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are the message and a pointer to ``--help``, not the usage block
+    (the ``memcomp bench``/``compare``/``configs``/``kernels`` parsers; exit status 2 as argparse's)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
 
 
 def debug_requested(args: Sequence[str]) -> tuple[list[str], bool]:
@@ -51,8 +61,6 @@ def _is_misconfiguration(err: BaseException) -> bool:
 
 
 def _is_parser_error(err: BaseException) -> bool:
-    import argparse
-
     return isinstance(err, argparse.ArgumentError) or type(err).__module__.startswith("jsonargparse")
 
 

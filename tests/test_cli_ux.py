@@ -194,3 +194,24 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("lightning_memcomp.configs.main", broken)
     with pytest.raises(RuntimeError, match="not a user's mistake"):
         main(["configs"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["bench", "--methods", "quant:3"], "memcomp bench: error: method 'quant:3': bits=3 is not allowed"),
+        (["bench", "--no-such-option"], "memcomp bench: error: unrecognized arguments: --no-such-option"),
+        (["configs", "--dataset", "mnist"], "memcomp configs: error: --dataset='mnist' matches no shipped config"),
+        (["compare", "/no/such/run"], "memcomp compare: error: RUN_DIR '/no/such/run' does not exist"),
+    ],
+)
+def test_the_other_subcommands_errors_are_short_too(
+    args: list[str], expected: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:  # argparse's exit, status 2
+        code = main(args)
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) <= 2 and lines[0].startswith(expected), lines

@@ -116,3 +116,24 @@ def test_memcomp_kernels_subcommand(capsys) -> None:
 
     assert main(["kernels", "--list"]) == 0
     assert "codecs_cpu (C++, CPU)" in capsys.readouterr().out
+
+
+def test_cuda_extensions_without_a_gpu_or_an_arch_list_are_skipped_or_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert kernels.cuda_extensions(), "the CUDA sources are part of the repository"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kernels, "_cuda_toolkit", lambda: True)
+    loaded: list[str] = []
+    monkeypatch.setattr(kernels, "_load", lambda name: loaded.append(name) or SimpleNamespace(__file__=name))
+    built = kernels.build_all()
+    assert loaded == kernels.cpu_extensions()  # PyTorch would fail on an empty architecture list (IndexError)
+    for name in kernels.cuda_extensions():
+        assert built[name].startswith("skipped: no GPU") and "TORCH_CUDA_ARCH_LIST" in built[name]
+    name = kernels.cuda_extensions()[0]
+    with pytest.raises(ValueError, match=f"cannot compile the CUDA extension '{name}'.*TORCH_CUDA_ARCH_LIST=9.0"):
+        kernels.build_all([name])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    kernels.build_all([name])
+    assert loaded[-1] == name

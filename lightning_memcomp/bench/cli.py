@@ -17,13 +17,14 @@ from lightning_memcomp.bench.report import format_table, write_outputs
 from lightning_memcomp.bench.results import MethodResult
 from lightning_memcomp.bench.runner import run_benchmark
 from lightning_memcomp.bench.worker import serve
+from lightning_memcomp.short_errors import ShortArgumentParser
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``memcomp bench`` argument parser; every option is documented in ``--help``."""
-    p = argparse.ArgumentParser(
+    p = ShortArgumentParser(
         prog="memcomp bench",
         description="Measure memory held for backward, memory after forward, step peak, step time, trainable "
                     "parameters and (optionally) accuracy of every memory-saving technique against the fp32 "
