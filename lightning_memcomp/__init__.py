@@ -38,6 +38,8 @@ _LAZY = {
     "ConvSliceGeneration": "lightning_memcomp.csg",
     "ActivationCheckpointing": "lightning_memcomp.recompute",
     "checkpoint_forward": "lightning_memcomp.recompute",
+    "plan_batch_size": "lightning_memcomp.plan",
+    "BatchSizePlanner": "lightning_memcomp.plan",
     "MemCompSingleDeviceStrategy": "lightning_memcomp.strategies",
     "DDPMemCompStrategy": "lightning_memcomp.strategies",
 }

@@ -8,6 +8,7 @@
     memcomp test --config digits_quant4 --ckpt_path path/to/last.ckpt
     memcomp configs                                        # the shipped configs
     memcomp compare memcomp_logs                           # runs side by side: memory, time, accuracy
+    memcomp plan --config digits_baseline --budget 4GiB    # the largest batch each technique fits
     memcomp bench ...                                      # the benchmark (lightning_memcomp.bench)
     memcomp kernels --build                                # compile the C++/CUDA kernels
 
@@ -53,6 +54,7 @@ COMPONENT_MODULES = (
     "lightning_memcomp.bandlimit.callback",
     "lightning_memcomp.csg.callback",
     "lightning_memcomp.recompute",
+    "lightning_memcomp.plan",
     "lightning_memcomp.strategies",
 )
 
@@ -385,6 +387,10 @@ def _dispatch(args: list[str], from_console: bool) -> int:
         from lightning_memcomp import compare
 
         return int(compare.main(args[1:]) or 0)
+    if command == "plan":
+        from lightning_memcomp import plan
+
+        return plan.main(args[1:])
     if command == "bench":
         try:
             bench = importlib.import_module("lightning_memcomp.bench")

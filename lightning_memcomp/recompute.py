@@ -10,7 +10,7 @@ checkpoints stay those of the plain model; :class:`ActivationCheckpointing` does
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import types
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,16 +53,17 @@ def select_blocks(model: nn.Module, modules: ModuleSelection = None, *, option: 
     return chosen
 
 
-def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if module.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's class ``forward`` under activation checkpointing while training with grad.
 
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
+    Bound to the block as an instance attribute (a bound method, so a deep copy of the model is bound to the
+    copy)."""
+    forward = functools.partial(type(self).forward, self)
+    if self.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
 
-    return run
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def checkpoint_forward(model: nn.Module, modules: ModuleSelection = None) -> list[str]:
@@ -81,7 +82,10 @@ def checkpoint_forward(model: nn.Module, modules: ModuleSelection = None) -> lis
         block = model.get_submodule(name)
         if getattr(block, _PATCHED, False):
             continue
-        block.forward = _checkpointed(block, block.forward)  # type: ignore[method-assign]
+        if "forward" in vars(block):
+            raise ValueError(f"modules: block {name!r} ({type(block).__name__}) has its forward replaced on the "
+                             "instance already; checkpoint_forward patches the class forward only")
+        block.forward = types.MethodType(_checkpointed_forward, block)  # type: ignore[method-assign]
         setattr(block, _PATCHED, True)
     return names
 

@@ -167,3 +167,20 @@ def test_a_selection_that_matches_nothing_is_refused() -> None:
         select_blocks(_net(), ["NoSuchBlock"])
     with pytest.raises(TypeError, match="modules"):
         ActivationCheckpointing(modules=[3])  # type: ignore[list-item]
+
+
+def test_a_deep_copy_of_a_checkpointed_model_runs_its_own_blocks() -> None:
+    import copy
+
+    model = _net()
+    checkpoint_forward(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    x = torch.randn(2, 3, 8, 8)
+    calls = []
+    model[1].conv.register_forward_hook(lambda *_: calls.append("original"))
+    twin(x).sum().backward()
+    assert calls == []  # the copy's patched forward is bound to the copy, not to the original block
+    assert all(p.grad is None for p in model.parameters())
