@@ -12,9 +12,10 @@ How a step's peak is read:
   at its start — what the allocator had to hold at the step's peak, allocations plus the reserve overhead
   (rounding, fragmentation), as an absolute figure (the model's state included);
 * CPU: the process's peak resident set (``VmHWM``, reset per step) above the step's start, plus the bytes of
-  the state that lives across steps (parameters, buffers, optimizer state, the batch). glibc is
-  told to give large freed buffers back to the system while probing (``mallopt(M_MMAP_THRESHOLD, 64 KiB)``,
-  restored to its default afterwards), so a step's peak does not hide in memory cached by an earlier one.
+  the state that lives across steps (parameters, buffers, optimizer state, the batch). Before each step the
+  C heap's free memory goes back to the system (glibc ``malloc_trim``), and while probing large freed buffers
+  do too (``mallopt(M_MMAP_THRESHOLD, 64 KiB)``, restored to its default afterwards), so a step's peak does
+  not hide in memory cached by earlier work of the process.
 
 Limits of the model (see the README): memory that is not linear in the batch (cuDNN or oneDNN workspaces
 chosen per shape, slicing thresholds), fragmentation at large batches, and CPU figures that depend on the
@@ -214,15 +215,43 @@ class Plan:
 
 
 # -- probing ---------------------------------------------------------------------------------------
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the figures are what that allocator gives
+        return None
+
+
+def _trim() -> None:
+    """Give the C heap's free memory back to the system (glibc ``malloc_trim``), so that the resident set is
+    what is alive and a step that reuses freed heap memory shows it as growth."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def free_heap_bytes() -> int | None:
+    """Free bytes in the C heap (glibc ``mallinfo2().fordblks``), ``None`` where that cannot be read."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = _Mallinfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+#: free C heap above which CPU figures may come out high (see :func:`plan_batch_size`)
+FRAGMENTED_HEAP_BYTES = 256 * MiB
+
+
 @contextlib.contextmanager
 def _freed_memory_returned(cpu: bool) -> Iterator[None]:
     """On CPU with glibc, large freed buffers go back to the system while probing (then the default again)."""
-    libc = None
-    if cpu:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            libc = None
+    libc = _libc() if cpu else None
     m_mmap_threshold = -3
     if libc is not None:
         libc.mallopt(m_mmap_threshold, 64 * 1024)
@@ -360,6 +389,7 @@ class _Prober:
             torch.cuda.reset_peak_memory_stats(self.device)
             seconds = self.step(batch)
             return int(torch.cuda.max_memory_reserved(self.device)), seconds
+        _trim()
         start = rss()
         if not reset_peak_rss():
             raise RuntimeError("the step peak on CPU needs /proc/self/clear_refs (Linux)")
@@ -491,6 +521,7 @@ def plan_batch_size(
     options = BenchConfig(network="custom", checkpoint_modules=tuple(checkpoint_modules) if checkpoint_modules
                           else None, csg_code_size=csg_code_size)
     rows: list[PlanRow] = []
+    free_heap = free_heap_bytes() if cpu else None
     with _rng_kept(device), _freed_memory_returned(cpu), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for method in parsed:
@@ -498,10 +529,15 @@ def plan_batch_size(
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    notes = []
+    if free_heap is not None and free_heap > FRAGMENTED_HEAP_BYTES:
+        notes.append(f"note: this process held {free_heap / MiB:,.0f} MiB of free C heap from earlier work; a "
+                     "step can reuse it in scattered pieces, so the CPU figures may come out higher (more "
+                     "cautious) than in a fresh process (memcomp plan, or plan before loading data)")
     reading = ("torch.cuda.max_memory_reserved over the step (cache emptied, counters reset at its start)"
                if device.type == "cuda" else
                "process peak resident set (VmHWM) above the step's start, plus the state kept across steps")
-    return Plan(rows, budget_bytes, headroom, str(device), reading)
+    return Plan(rows, budget_bytes, headroom, str(device), reading, notes)
 
 
 def _plan_method(model: nn.Module, make_batch: Callable[[int], Any], method: Technique, device: torch.device,

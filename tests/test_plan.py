@@ -16,14 +16,11 @@ from lightning_memcomp.plan import (
     BatchSizePlanner,
     Plan,
     PlanRow,
-    _freed_memory_returned,
-    _Prober,
     available_memory,
     parse_budget,
     plan_batch_size,
     runtime_technique,
 )
-from lightning_memcomp.techniques import parse_technique
 
 MiB = 1024 * 1024
 
@@ -57,16 +54,49 @@ def test_available_memory_on_cpu_is_positive_and_at_most_the_ram() -> None:
     assert 0 < available_memory("cpu") <= psutil.virtual_memory().total
 
 
+# CPU step peaks are read from the process's resident set: in a process whose C heap is already full of
+# freed memory (an xdist worker after many tests) a step reuses it in scattered pieces and the figures come
+# out high. The numeric checks therefore plan in a fresh process, as ``memcomp plan`` does.
+_FRESH = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from test_plan import _net, _batch, _options
+from lightning_memcomp.plan import plan_batch_size, _freed_memory_returned, _Prober
+from lightning_memcomp.techniques import parse_technique
+plan = plan_batch_size(_net(), _batch, ["baseline", "quant:4", "checkpoint"], budget="2GiB", probe_batches=(4, 8))
+with _freed_memory_returned(True):
+    prober = _Prober(_net(), parse_technique("baseline"), torch.device("cpu"), _options(), None)
+    data = _batch(32)
+    prober.step(data)
+    measured = max(prober.measured_step(data)[0] for _ in range(2)) / 2**20
+print(json.dumps({{"rows": plan.to_dicts(), "budget": plan.budget_bytes, "headroom": plan.headroom,
+                  "notes": plan.notes, "measured_baseline_32": measured}}))
+"""
+
+
 @pytest.fixture(scope="module")
-def plan() -> Plan:
-    torch.set_num_threads(1)
-    return plan_batch_size(_net(), _batch, ["baseline", "quant:4", "checkpoint"], budget="2GiB",
-                           probe_batches=(4, 8), steps=2)
+def fresh() -> dict:
+    import json
+    import subprocess
+
+    code = _FRESH.format(tests=str(Path(__file__).resolve().parent))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def plan(fresh: dict) -> Plan:
+    rows = [PlanRow(**{**r, "probe_batches": tuple(r["probe_batches"]),
+                       "probe_peaks_mib": tuple(r["probe_peaks_mib"])}) for r in fresh["rows"]]
+    return Plan(rows, fresh["budget"], fresh["headroom"], "cpu", "VmHWM", fresh["notes"])
 
 
 def test_the_plan_fits_a_line_through_the_probes_and_fills_the_budget(plan: Plan) -> None:
     rows = {r.method: r for r in plan.rows}
     assert list(rows) == ["baseline", "quant:4", "checkpoint"]
+    assert plan.notes == []  # a fresh process: no free heap to warn about
     for row in rows.values():
         assert row.status == "ok" and row.probe_batches == (4, 8)
         slope = (row.probe_peaks_mib[1] - row.probe_peaks_mib[0]) / 4
@@ -76,8 +106,9 @@ def test_the_plan_fits_a_line_through_the_probes_and_fills_the_budget(plan: Plan
         assert row.predicted_peak_mib(row.max_batch) <= usable < row.predicted_peak_mib(row.max_batch + 1)
         assert row.step_s_per_sample > 0
     # an activation of 32x48x48 float32 is 0.28 MiB a sample: compression and checkpointing hold less of them
-    assert rows["quant:4"].per_sample_mib < rows["baseline"].per_sample_mib
-    assert rows["checkpoint"].per_sample_mib < rows["baseline"].per_sample_mib
+    # (measured 3.4, 2.5 and 2.3 MiB a sample)
+    assert rows["quant:4"].per_sample_mib < 0.9 * rows["baseline"].per_sample_mib
+    assert rows["checkpoint"].per_sample_mib < 0.9 * rows["baseline"].per_sample_mib
     assert rows["quant:4"].max_batch > rows["baseline"].max_batch
 
 
@@ -94,15 +125,20 @@ def test_the_plan_prints_converts_and_draws(plan: Plan) -> None:
     assert any(label.startswith("quant:4 (max batch") for label in labels) and "budget" in labels
 
 
-def test_the_prediction_at_a_larger_batch_holds(plan: Plan) -> None:
-    row = plan.row("baseline")
-    with _freed_memory_returned(True):
-        prober = _Prober(_net(), parse_technique("baseline"), torch.device("cpu"), _options(), None)
-        data = _batch(32)
-        prober.step(data)
-        measured = max(prober.measured_step(data)[0] for _ in range(2)) / MiB
-    # measured on this machine: within 5%; 20% leaves room for another allocator or thread count
-    assert row.predicted_peak_mib(32) == pytest.approx(measured, rel=0.2)
+def test_the_prediction_at_a_larger_batch_holds(plan: Plan, fresh: dict) -> None:
+    # measured on this machine: within 1%; 15% leaves room for another allocator or thread count
+    assert plan.row("baseline").predicted_peak_mib(32) == pytest.approx(fresh["measured_baseline_32"], rel=0.15)
+
+
+def test_a_full_heap_is_noted() -> None:
+    from lightning_memcomp.plan import FRAGMENTED_HEAP_BYTES, free_heap_bytes
+
+    free = free_heap_bytes()
+    assert free is not None and free >= 0  # glibc here
+    junk = [torch.empty(16, 1024) for _ in range(FRAGMENTED_HEAP_BYTES // (64 * 1024) + 4096)]
+    del junk
+    plan = plan_batch_size(_net(), _batch, ["baseline"], budget="1GiB", probe_batches=(2, 4), steps=1)
+    assert any("free C heap" in note for note in plan.notes)
 
 
 def _options():
