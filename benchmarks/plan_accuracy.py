@@ -49,9 +49,9 @@ def main() -> int:
     p.add_argument("--network", default="resnet18_cifar")
     p.add_argument("--input-size", type=int, default=None)
     p.add_argument("--methods", default="baseline,checkpoint,quant:4,dct:10")
-    p.add_argument("--probes", default="4,8")
+    p.add_argument("--probes", default=None, help="probe batches (default: plan_batch_size's choice)")
     p.add_argument("--check-factor", type=int, default=8)
-    p.add_argument("--budget-batch", type=int, required=True)
+    p.add_argument("--budget-batch", type=int, default=None, help="B (default: 4x the larger probe batch)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
@@ -59,8 +59,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    probes = tuple(int(b) for b in args.probes.split(","))
-    spec = resolve_network(BenchConfig(network=args.network, input_size=args.input_size, batch_size=probes[0]))
+    probes = tuple(int(b) for b in args.probes.split(",")) if args.probes else None
+    spec = resolve_network(BenchConfig(network=args.network, input_size=args.input_size, batch_size=2))
     torch.manual_seed(0)
     model = spec.build()
 
@@ -71,8 +71,10 @@ def main() -> int:
     t0 = time.perf_counter()
     plan = plan_batch_size(model, make_batch, methods, budget="1TiB", probe_batches=probes, device=device)
     plan_s = time.perf_counter() - t0
-    print(plan)
+    print(plan, flush=True)
+    probes = plan.rows[0].probe_batches
     check = args.check_factor * probes[-1]
+    args.budget_batch = args.budget_batch or 4 * probes[-1]
     rows = []
     for method in methods:
         row = plan.row(method)

@@ -114,7 +114,11 @@ def available_memory(device: torch.device | str) -> int:
 
 @dataclass
 class PlanRow:
-    """One method of a :class:`Plan` (sizes in MiB; ``max_batch`` 0 when not even one sample fits)."""
+    """One method of a :class:`Plan` (sizes in MiB; ``max_batch`` 0 when not even one sample fits).
+
+    ``lines`` are the ``(fixed, per sample)`` lines whose maximum predicts the step peak (see
+    :func:`plan_batch_size`); ``fixed_mib`` and ``per_sample_mib`` are the one that binds at ``max_batch``.
+    """
 
     method: str
     fixed_mib: float | None = None
@@ -124,11 +128,13 @@ class PlanRow:
     probe_batches: tuple[int, ...] = ()
     probe_peaks_mib: tuple[float, ...] = ()
     status: str = "ok"
+    lines: tuple[tuple[float, float], ...] = ()
 
     def predicted_peak_mib(self, batch: int) -> float | None:
-        if self.fixed_mib is None or self.per_sample_mib is None:
+        lines = self.lines or ((self.fixed_mib, self.per_sample_mib),)
+        if any(v is None for line in lines for v in line):
             return None
-        return self.fixed_mib + self.per_sample_mib * batch
+        return max(fixed + slope * batch for fixed, slope in lines)
 
 
 @dataclass
@@ -196,9 +202,9 @@ class Plan:
         top = largest or max([r.max_batch or 1 for r in rows] + [max(r.probe_batches) for r in rows] + [1])
         top = max(2, int(top * 1.15))
         fig, ax = plt.subplots(figsize=(8, 5))
+        xs = [top * i / 200 for i in range(201)]
         for r in rows:
-            line, = ax.plot([0, top], [r.predicted_peak_mib(0), r.predicted_peak_mib(top)],
-                            label=f"{r.method} (max batch {r.max_batch})")
+            line, = ax.plot(xs, [r.predicted_peak_mib(x) for x in xs], label=f"{r.method} (max batch {r.max_batch})")
             ax.plot(r.probe_batches, r.probe_peaks_mib, "o", color=line.get_color())
         ax.axhline(self.budget_bytes / MiB, color="black", linestyle="-", label="budget")
         ax.axhline(self.usable_bytes / MiB, color="black", linestyle="--",
@@ -380,36 +386,61 @@ class _Prober:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def measured_step(self, batch: Any) -> tuple[int, float]:
-        """(step peak in bytes, seconds) of one training step, read as the module docstring says."""
+    def _reading(self) -> int:
+        return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else rss()
+
+    @contextlib.contextmanager
+    def _timeline(self) -> Iterator[list[int]]:
+        """Memory in use (reserved on CUDA, resident on CPU) at the end of each leaf module's forward and when
+        its output's gradient is computed in backward: the same points, in the same order, at any batch."""
+        samples: list[int] = []
+
+        def after_forward(module: nn.Module, args: Any, output: Any) -> None:
+            samples.append(self._reading())
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: samples.append(self._reading()))
+
+        handles = [m.register_forward_hook(after_forward) for m in self.model.modules() if not any(m.children())]
+        try:
+            yield samples
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def measured_step(self, batch: Any) -> tuple[int, float, list[int]]:
+        """(step peak in bytes, seconds, the timeline) of one training step, read as the module docstring says;
+        the timeline's readings count the same things as the peak."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-            seconds = self.step(batch)
-            return int(torch.cuda.max_memory_reserved(self.device)), seconds
+            with self._timeline() as samples:
+                seconds = self.step(batch)
+            return int(torch.cuda.max_memory_reserved(self.device)), seconds, samples
         _trim()
         start = rss()
         if not reset_peak_rss():
             raise RuntimeError("the step peak on CPU needs /proc/self/clear_refs (Linux)")
-        seconds = self.step(batch)
+        with self._timeline() as samples:
+            seconds = self.step(batch)
         peak = peak_rss()
         assert peak is not None
         # gradients are freed at each step's start (set to None), so the peak above the start counts them
         state = resident_bytes(self.model, self.optimizer, *_tensors(batch))
-        return int(peak - start + state), seconds
+        return int(peak - start + state), seconds, [s - start + state for s in samples]
 
 
 def default_probe_batches(model: nn.Module, make_batch: Callable[[int], Any], device: torch.device,
                           loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> tuple[int, int]:
-    """Probe batches ``(b, 2b)`` large enough that the sliced convolution backward of compressed activations
-    already works in slices there, as it does at large batches.
+    """Probe batches ``(b, 2b)`` large enough that the largest convolution's backward already runs in several
+    slices there, as it does at large batches.
 
-    A convolution's backward decodes its compressed input ``conv_chunk_bytes`` at a time (4 MiB on CPU, 64 MiB
-    on CUDA): below that size the whole input is decoded at once, a cost per sample that vanishes at larger
-    batches and would tilt the line. ``b`` is the smallest power of two whose largest convolution input is at
-    least one chunk (at least 2, at most 64); measured with one forward at batch 1 on a copy of the model.
+    While activations are compressed, a convolution's backward works through the batch ``conv_chunk_bytes``
+    (input plus output gradient; 4 MiB on CPU, 64 MiB on CUDA) at a time; a batch that fits one slice takes
+    the plain path instead (the whole input decoded, and on CPU oneDNN's full-size reorders), a cost per
+    sample that large batches do not pay. ``b`` is the smallest power of two at which the largest convolution
+    makes four slices (at least 2, at most 64); measured with one forward at batch 1 on a copy of the model.
     """
     from lightning_memcomp.memory.lean_conv import DEFAULT_CONV_CHUNK_BYTES
 
@@ -417,11 +448,12 @@ def default_probe_batches(model: nn.Module, make_batch: Callable[[int], Any], de
     copy_ = _detached_copy(model).to(device)
     largest = [0]
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
-            largest[0] = max(largest[0], args[0].numel() * args[0].element_size())
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            size = (args[0].numel() + output.numel()) * output.element_size()
+            largest[0] = max(largest[0], size)
 
-    handles = [m.register_forward_pre_hook(hook) for m in copy_.modules()
+    handles = [m.register_forward_hook(hook) for m in copy_.modules()
                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -432,7 +464,7 @@ def default_probe_batches(model: nn.Module, make_batch: Callable[[int], Any], de
             handle.remove()
         del copy_
     b = 2
-    while largest[0] and b * largest[0] < chunk and b < 64:
+    while largest[0] and b * largest[0] < 4 * chunk and b < 64:
         b *= 2
     return b, 2 * b
 
@@ -525,7 +557,8 @@ def plan_batch_size(
     with _rng_kept(device), _freed_memory_returned(cpu), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for method in parsed:
-            rows.append(_plan_method(model, make_batch, method, device, options, loss_fn, probes, steps, usable))
+            rows.append(_plan_method(model, make_batch, method, device, options, loss_fn, probes, steps, usable,
+                                     budget_bytes))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -541,7 +574,8 @@ def plan_batch_size(
 
 
 def _plan_method(model: nn.Module, make_batch: Callable[[int], Any], method: Technique, device: torch.device,
-                 options: BenchConfig, loss_fn: Any, probes: list[int], steps: int, usable: float) -> PlanRow:
+                 options: BenchConfig, loss_fn: Any, probes: list[int], steps: int, usable: float,
+                 budget: float) -> PlanRow:
     row = PlanRow(method.spec)
     torch.manual_seed(0)
     try:
@@ -552,37 +586,62 @@ def _plan_method(model: nn.Module, make_batch: Callable[[int], Any], method: Tec
     batches: list[int] = []
     peaks: list[float] = []
     times: list[float] = []
-    for b in probes:
+    timelines: list[list[int]] = []
+    for b in probes:  # a probe runs only when it cannot exceed the budget (the headroom may be used)
         if len(batches) >= 2:
-            fixed, slope = _fit(batches, peaks)
-            if fixed + slope * b > usable:
-                break  # the line says this probe would not fit: plan from the probes so far
-        elif batches and peaks[0] * b / batches[0] > usable:
-            break
+            if max(f + s * b for f, s in _lines(batches, peaks, timelines)) > budget:
+                break  # the lines say this probe would not fit: plan from the probes so far
+        elif batches and peaks[0] * b / batches[0] > budget:
+            break  # peak(b) <= peak(b1) * b / b1 while the fixed part is positive
         batch = _to(make_batch(b), device)
         prober.step(batch)  # warm-up: allocator pools, kernel choices, the codec's first-use work
         measured = [prober.measured_step(batch) for _ in range(steps)]
-        peak = max(p for p, _ in measured)
+        peak = max(p for p, _, _ in measured)
+        lengths = {len(t) for _, _, t in measured}
+        timelines.append([max(points) for points in zip(*(t for _, _, t in measured))] if len(lengths) == 1
+                         else [])
         if not batches and peak > usable:
             raise ValueError(f"the first probe, batch {b} with {method.spec}, already needs {peak / MiB:,.1f} MiB, "
                              f"more than the budget less headroom ({usable / MiB:,.1f} MiB); give smaller "
                              "probe_batches or a larger budget")
         batches.append(b)
         peaks.append(float(peak))
-        times.append(statistics.median(s for _, s in measured) / b)
+        times.append(statistics.median(s for _, s, _ in measured) / b)
         del batch
     if len(batches) < 2:
         row.status = f"only batch {batches[0]} fits: no second probe to fit a line through"
         row.probe_batches, row.probe_peaks_mib = tuple(batches), tuple(p / MiB for p in peaks)
         row.max_batch = batches[0]
         return row
-    fixed, slope = _fit(batches, peaks)
+    lines = _lines(batches, peaks, timelines)
+    fits = [(int((usable - f) // s) if s > 0 else None, f, s) for f, s in lines]
+    bounded = [fit for fit in fits if fit[0] is not None]
+    most, fixed, slope = min(bounded) if bounded else (None, *lines[0])
+    row.max_batch = max(most, 0) if most is not None else None
     row.fixed_mib, row.per_sample_mib = fixed / MiB, slope / MiB
-    row.max_batch = int((usable - fixed) // slope) if slope > 0 else None
-    row.max_batch = max(row.max_batch, 0) if row.max_batch is not None else None
+    row.lines = tuple((f / MiB, s / MiB) for f, s in lines)
     row.step_s_per_sample = times[-1]
     row.probe_batches, row.probe_peaks_mib = tuple(batches), tuple(p / MiB for p in peaks)
     return row
+
+
+def _lines(batches: Sequence[int], peaks: Sequence[float], timelines: Sequence[Sequence[int]]
+           ) -> list[tuple[float, float]]:
+    """The lines whose maximum predicts the step peak: the line through the probes' peaks, and one line per
+    point of the timeline (the same module boundary at every probe batch), kept where it is the highest at
+    some batch beyond the probes. Where the step peak moves from one phase of the step to another as the
+    batch grows (e.g. from a part with a fixed workspace to one that grows faster per sample), the peak is
+    convex in the batch and the lines of the timeline catch the steeper phase that the peaks alone miss."""
+    lines = [_fit(batches, peaks)]
+    if timelines and all(len(t) == len(timelines[0]) and t for t in timelines):
+        lines += [_fit(batches, [t[i] for t in timelines]) for i in range(len(timelines[0]))]
+    # the upper envelope beyond the largest probe: a line under another one at both ends of that range is
+    # under it everywhere there
+    start, far = max(batches), max(batches) * 1024
+    unique = sorted(set(lines), key=lambda line: line[1])
+    return [line for line in unique
+            if not any(other != line and other[0] + other[1] * start >= line[0] + line[1] * start
+                       and other[0] + other[1] * far >= line[0] + line[1] * far for other in unique)]
 
 
 # -- the callback --------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from lightning_memcomp.plan import (
     BatchSizePlanner,
     Plan,
     PlanRow,
+    _Prober,
     available_memory,
     parse_budget,
     plan_batch_size,
     runtime_technique,
 )
+from lightning_memcomp.techniques import parse_technique
 
 MiB = 1024 * 1024
 
@@ -88,8 +90,8 @@ def fresh() -> dict:
 
 @pytest.fixture(scope="module")
 def plan(fresh: dict) -> Plan:
-    rows = [PlanRow(**{**r, "probe_batches": tuple(r["probe_batches"]),
-                       "probe_peaks_mib": tuple(r["probe_peaks_mib"])}) for r in fresh["rows"]]
+    rows = [PlanRow(**{**r, "probe_batches": tuple(r["probe_batches"]), "probe_peaks_mib": tuple(r["probe_peaks_mib"]),
+                       "lines": tuple(tuple(line) for line in r["lines"])}) for r in fresh["rows"]]
     return Plan(rows, fresh["budget"], fresh["headroom"], "cpu", "VmHWM", fresh["notes"])
 
 
@@ -99,9 +101,13 @@ def test_the_plan_fits_a_line_through_the_probes_and_fills_the_budget(plan: Plan
     assert plan.notes == []  # a fresh process: no free heap to warn about
     for row in rows.values():
         assert row.status == "ok" and row.probe_batches == (4, 8)
+        # the prediction goes through the measured peaks (the timeline's lines lie below them there) and is
+        # at least the line through them beyond
+        for b, peak in zip(row.probe_batches, row.probe_peaks_mib):
+            assert row.predicted_peak_mib(b) == pytest.approx(peak)
         slope = (row.probe_peaks_mib[1] - row.probe_peaks_mib[0]) / 4
-        assert row.per_sample_mib == pytest.approx(slope)
-        assert row.fixed_mib == pytest.approx(row.probe_peaks_mib[0] - 4 * slope)
+        assert row.predicted_peak_mib(64) >= row.probe_peaks_mib[1] + 56 * slope - 1e-6
+        assert (row.fixed_mib, row.per_sample_mib) in row.lines
         usable = 2 * 1024 * 0.9
         assert row.predicted_peak_mib(row.max_batch) <= usable < row.predicted_peak_mib(row.max_batch + 1)
         assert row.step_s_per_sample > 0
@@ -279,10 +285,41 @@ def test_memcomp_plan_prints_the_table_and_writes_the_figure(
 def test_default_probes_put_the_sliced_convolution_backward_in_slices() -> None:
     from lightning_memcomp.plan import default_probe_batches
 
-    # the largest convolution input is 32x48x48 float32, 288 KiB a sample: 16 of them reach the 4 MiB chunk
-    assert default_probe_batches(_net(), _batch, torch.device("cpu")) == (16, 32)
+    # the largest convolution's input and output are 2 x 32x48x48 float32, 576 KiB a sample: 32 of them make
+    # four slices of the 4 MiB chunk
+    assert default_probe_batches(_net(), _batch, torch.device("cpu")) == (32, 64)
     wide = nn.Sequential(nn.Conv2d(3, 512, 1), nn.Conv2d(512, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, 10))
-    assert default_probe_batches(wide, _batch, torch.device("cpu")) == (2, 4)  # 4.5 MiB at batch 1: at least 2
+    assert default_probe_batches(wide, _batch, torch.device("cpu")) == (4, 8)  # 4.5 MiB a sample: four slices at 4
     small = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     assert default_probe_batches(small, _batch, torch.device("cpu")) == (64, 128)  # at most 64
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_planned_batch_fits_under_a_cap_and_a_fifth_more_does_not() -> None:
+    import torchvision
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = 4 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    try:
+        model = torchvision.models.resnet50(num_classes=10).to(device)
+
+        def make_batch(b: int):
+            return torch.randn(b, 3, 128, 128, device=device), torch.randint(0, 10, (b,), device=device)
+
+        plan = plan_batch_size(model, make_batch, ["baseline", "quant:4"], budget=cap, device=device)
+        for method in ("baseline", "quant:4"):
+            planned = plan.max_batch(method)
+            assert planned and planned > max(plan.row(method).probe_batches)
+            prober = _Prober(model, parse_technique(method), device, _options(), None)
+            prober.step(make_batch(planned))  # no out-of-memory error
+            with pytest.raises(torch.cuda.OutOfMemoryError):
+                prober.step(make_batch(int(planned * 1.2) + 1))
+            del prober
+            torch.cuda.empty_cache()
+        assert plan.max_batch("quant:4") > plan.max_batch("baseline")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
