@@ -101,12 +101,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--network", default="resnet18_cifar")
     p.add_argument("--cap", default="1GiB")
+    p.add_argument("--finder-caps", default=None,
+                   help="comma-separated address-space caps to run the finder under (default: --cap)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cap = parse_budget(args.cap)
     plan = _run("plan", cap, args.network, args.threads)
-    finder = _run("finder", cap, args.network, args.threads)
+    finder_caps = [parse_budget(c) for c in args.finder_caps.split(",")] if args.finder_caps else [cap]
+    finders = [(c, _run("finder", c, args.network, args.threads)) for c in finder_caps]
     info = machine_info()
     text = "\n".join([
         f"# plan_batch_size vs BatchSizeFinder: {args.network}, CPU, cap {args.cap}", "",
@@ -116,8 +119,8 @@ def main() -> int:
         "| | what it finds | seconds |", "|---|---|---|",
         f"| plan_batch_size, 4 methods | {', '.join(f'{m} {b}' for m, b in plan['batches'].items())} | "
         f"{plan['seconds']:.1f} |",
-        f"| BatchSizeFinder (power, from 16), baseline only, RLIMIT_AS = start + cap | baseline "
-        f"{finder['batch']} | {finder['seconds']:.1f} |", "",
+        *(f"| BatchSizeFinder (power, from 16), baseline only, RLIMIT_AS = start + {c / 2**30:g} GiB | baseline "
+          f"{finder['batch']} | {finder['seconds']:.1f} |" for c, finder in finders), "",
         "The plan's budget counts resident memory; the finder's cap counts address space (more than is "
         "resident), so the batches differ; the comparison is of time.", "", "```text", plan["table"], "```", ""])
     print(text)

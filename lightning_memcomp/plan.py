@@ -2,9 +2,11 @@
 
 The step peak of a CNN is, to a very good approximation, a fixed part (weights, gradients, optimizer state,
 workspace) plus a part per sample. :func:`plan_batch_size` runs a few training steps per method at two small
-batch sizes on the target device, measures each step's peak, fits ``peak(b) = fixed + per_sample * b`` and
-returns a :class:`Plan`: per method the fixed and per-sample bytes, the largest batch within the budget
-minus the headroom, and the step time per sample.
+batch sizes on the target device, measures each step's peak and the memory in use at every module boundary
+(forward ends, output gradients in backward), fits ``fixed + per_sample * b`` through the peaks and through
+each boundary, predicts the peak at ``b`` as the highest of these lines, and returns a :class:`Plan`: per
+method the fixed and per-sample bytes of the line that binds, the largest batch within the budget minus
+the headroom, and the step time per sample.
 
 How a step's peak is read:
 
