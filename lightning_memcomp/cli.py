@@ -227,7 +227,10 @@ class MemcompCLI(LightningCLI):
             {
                 "prog": "memcomp",
                 "description": "Train, validate, test or predict with the lightning_memcomp recipes "
-                "(LightningCLI). Also: `memcomp bench --help` for the memory/speed benchmark.",
+                "(LightningCLI): memcomp fit --config NAME [--technique SPEC]. Also: memcomp configs (the "
+                "shipped configs), memcomp compare RUN_DIR... (runs side by side), memcomp plan --config NAME "
+                "(the largest batch each technique fits), memcomp bench --help (the memory/speed benchmark), "
+                "memcomp kernels --build.",
             },
         )
         self.test_results: list[dict[str, float]] | None = None

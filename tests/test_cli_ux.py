@@ -217,3 +217,11 @@ def test_the_other_subcommands_errors_are_short_too(
     out, err = capfd.readouterr()
     lines = [line for line in (out + err).splitlines() if line.strip()]
     assert len(lines) <= 2 and lines[0].startswith(expected), lines
+
+
+def test_help_names_the_other_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for command in ("memcomp configs", "memcomp compare", "memcomp plan", "memcomp bench", "--technique"):
+        assert command in out
