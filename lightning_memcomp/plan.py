@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import gc
 import math
 import os
@@ -43,8 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from lightning_memcomp.bench.config import BenchConfig
 from lightning_memcomp.bench.probes import resident_bytes, rss
@@ -223,6 +226,7 @@ class Plan:
 
 
 # -- probing ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def _libc() -> Any:
     try:
         return ctypes.CDLL("libc.so.6")
@@ -296,24 +300,8 @@ def _detached_copy(model: nn.Module) -> nn.Module:
             setattr(model, attr, value)
 
 
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
-
-
 def _tensors(batch: Any) -> list[Tensor]:
-    if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, Mapping):
-        return [t for v in batch.values() for t in _tensors(v)]
-    if isinstance(batch, (list, tuple)):
-        return [t for v in batch for t in _tensors(v)]
-    return []
+    return [t for t in tree_leaves(batch) if isinstance(t, Tensor)]
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -460,7 +448,7 @@ def default_probe_batches(model: nn.Module, make_batch: Callable[[int], Any], de
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _loss(copy_, _to(make_batch(1), device), loss_fn)
+            _loss(copy_, move_data_to_device(make_batch(1), device), loss_fn)
     finally:
         for handle in handles:
             handle.remove()
@@ -595,7 +583,7 @@ def _plan_method(model: nn.Module, make_batch: Callable[[int], Any], method: Tec
                 break  # the lines say this probe would not fit: plan from the probes so far
         elif batches and peaks[0] * b / batches[0] > budget:
             break  # peak(b) <= peak(b1) * b / b1 while the fixed part is positive
-        batch = _to(make_batch(b), device)
+        batch = move_data_to_device(make_batch(b), device)
         prober.step(batch)  # warm-up: allocator pools, kernel choices, the codec's first-use work
         measured = [prober.measured_step(batch) for _ in range(steps)]
         peak = max(p for p, _, _ in measured)
