@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from lightning_memcomp.compression.api import compress_activations
+from lightning_memcomp.compression.graph import CompiledSaveEngine
 from lightning_memcomp.compression.registry import make_codec
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine
 from lightning_memcomp.memory.ledger import Ledger
@@ -39,7 +40,7 @@ class _CompressedTrainingStep:
 
     memcomp_codec: str
     memcomp_options: dict[str, Any]
-    _memcomp_engine: SavedTensorEngine | None
+    _memcomp_engine: SavedTensorEngine | CompiledSaveEngine | None
 
     def _init_memcomp(
         self,
@@ -77,12 +78,10 @@ class _CompressedTrainingStep:
         """The ledger of the last training forward pass (``None`` before the first one)."""
         return self._memcomp_engine.ledger if self._memcomp_engine is not None else None
 
-    def _engine_for(self, module: torch.nn.Module) -> SavedTensorEngine:
-        from lightning_memcomp.compression.callback import refuse_compiled
-
+    def _engine_for(self, module: torch.nn.Module) -> SavedTensorEngine | CompiledSaveEngine:
         engine = self._memcomp_engine
         if engine is None or engine.model is not module:
-            refuse_compiled(module, type(self).__name__)  # type: ignore[arg-type]
+            # a compiled module (also one compiled in configure_model) gets the graph-hook engine
             engine = compress_activations(module, self.memcomp_codec, modules=self.memcomp_modules,
                                           min_bytes=self.memcomp_min_bytes, **self.memcomp_options)
             self._memcomp_engine = engine
@@ -120,7 +119,9 @@ class MemCompSingleDeviceStrategy(_CompressedTrainingStep, SingleDeviceStrategy)
 
     Raises:
         ValueError: unknown codec or a bad codec option (at construction).
-        RuntimeError: the LightningModule was compiled with ``torch.compile``.
+        ValueError: a codec that cannot run inside compiled graphs (``wavelet``, ``dct``, ``threshold``) for a
+            LightningModule that runs compiled (compiled models get the graph-hook engine; README, "Under
+            torch.compile").
     """
 
     strategy_name = "memcomp"

@@ -19,12 +19,6 @@ def test_selection_that_matches_nothing_warns() -> None:
         compress_activations(nn.Sequential(nn.Linear(2, 2)), codec="identity", modules="encoder.*")
 
 
-def test_compiled_model_is_refused_with_an_explanation() -> None:
-    compiled = torch.compile(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="torch.compile'd model is not supported"):
-        compress_activations(compiled, codec="identity")
-
-
 def test_identity_options_are_refused() -> None:
     with pytest.raises(TypeError, match="takes no options"):
         compress_activations(nn.Linear(2, 2), codec="identity", bits=4)

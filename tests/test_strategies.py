@@ -102,12 +102,6 @@ def test_engine_closed_when_training_step_raises(tmp_path):
     assert strategy._memcomp_engine.ledger.count == 0
 
 
-def test_compiled_module_is_refused(tmp_path):
-    model = torch.compile(TinyNet())
-    with pytest.raises(RuntimeError, match="torch.compile"):
-        _trainer(tmp_path, "memcomp", max_steps=1).fit(model, _loader())
-
-
 def test_strategy_fit_checkpoint_resume(tmp_path):
     trainer = _trainer(tmp_path, MemCompSingleDeviceStrategy(bits=4), max_epochs=1)
     trainer.fit(TinyNet(), _loader())

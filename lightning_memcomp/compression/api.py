@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
-from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, SavedTensorEngine
+from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts, name_selection
 from lightning_memcomp.compression.registry import make_codec
+from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, SavedTensorEngine
 from lightning_memcomp.surgery import ModuleSelection, module_filter
 
 # What is compressed by default: the layers that save large activations in a CNN.
@@ -52,7 +52,7 @@ def compress_activations(
     min_bytes: int = DEFAULT_MIN_BYTES,
     conv_chunk_bytes: int | None = None,
     **options: Any,
-) -> SavedTensorEngine:
+) -> SavedTensorEngine | CompiledSaveEngine:
     """Compress what autograd saves for backward inside the ``with`` block; the forward stays exact.
 
     Args:
@@ -69,21 +69,28 @@ def compress_activations(
             ``0``: PyTorch's convolution backward on the whole decoded input.
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
 
+    A ``torch.compile``'d model (or one with compiled submodules) gets a
+    :class:`~lightning_memcomp.compression.graph.CompiledSaveEngine` instead: the ``quant``, ``blpa`` and
+    ``identity`` codecs run as graph code inside the compiled forward and backward; the other codecs are
+    refused with the reason (README, "Under torch.compile").
+
     Returns the engine; entering it returns the :class:`~lightning_memcomp.Ledger`::
 
         with compress_activations(model, codec="quant", bits=4) as ledger:
             loss = criterion(model(x), y)
         loss.backward()
     """
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(model, "_compiler_ctx", None):
-        raise TypeError(
-            "compress_activations: a torch.compile'd model is not supported — compiled graphs save tensors "
-            "inside fused kernels that saved_tensors_hooks and module hooks do not see, so nothing would be "
-            "compressed. Pass the uncompiled module."
-        )
     if bits is not None:
         options["bits"] = bits
     codec_obj = make_codec(codec, **options)
+    if has_compiled_parts(model):
+        if conv_chunk_bytes:
+            raise ValueError(
+                f"conv_chunk_bytes={conv_chunk_bytes!r} cannot be honoured for a torch.compile'd model: the sliced "
+                "convolution backward is eager code the compiled backward does not call; leave it None"
+            )
+        # the compiled path: pack/unpack as graph code that AOTAutograd inlines (README, "Under torch.compile")
+        return CompiledSaveEngine(model, codec_obj, min_bytes=min_bytes, select=name_selection(modules, model))
     select = module_filter(modules, default_selection)
     matched = [name for name, m in model.named_modules() if select(m, name)]
     if not matched:

@@ -11,28 +11,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_memcomp.compression.api import compress_activations
+from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts
 from lightning_memcomp.compression.registry import make_codec
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
 from lightning_memcomp.memory.lean_conv import check_chunk_bytes
-from lightning_memcomp.memory.ledger import MiB, Ledger
+from lightning_memcomp.memory.ledger import Ledger, MiB
 from lightning_memcomp.surgery import ModuleSelection
 
-__all__ = ["ActivationCompression", "refuse_compiled", "training_step_seed"]
+__all__ = ["ActivationCompression", "training_step_seed"]
 
 
 def training_step_seed(trainer: pl.Trainer, batch_idx: int) -> int:
     """The step number the engine reseeds from: the global step and the batch index, both restored on resume."""
     return mix_seed(trainer.global_step, batch_idx)
-
-
-def refuse_compiled(pl_module: pl.LightningModule, who: str) -> None:
-    """Saved-tensor hooks and module hooks do not survive ``torch.compile``: refuse rather than do nothing."""
-    if getattr(pl_module, "_compiler_ctx", None) is not None:
-        raise RuntimeError(
-            f"{who} cannot compress a torch.compile'd model: compiled graphs save tensors inside fused "
-            "kernels that saved_tensors_hooks and module hooks do not see, so nothing would be compressed. "
-            "Pass the uncompiled LightningModule (compression replaces what compile would save)."
-        )
 
 
 class ActivationCompression(Callback):
@@ -61,7 +52,13 @@ class ActivationCompression(Callback):
 
     Raises:
         ValueError: unknown codec, or an option the codec does not allow (checked at construction).
-        RuntimeError: the LightningModule was compiled with ``torch.compile``.
+        ValueError: at train start, a codec that cannot run inside compiled graphs (``wavelet``, ``dct``,
+            ``threshold``) on a model that runs compiled.
+
+    Compiled models (``torch.compile(module)``, a LightningModule that compiles its network in
+    ``configure_model``, ``Trainer.fit(torch.compile(module))``) get the graph-hook engine
+    (:class:`~lightning_memcomp.compression.graph.CompiledSaveEngine`): the choice is made again at train start,
+    after ``configure_model`` ran.
 
     Example::
 
@@ -94,7 +91,7 @@ class ActivationCompression(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
         self._rng_seed: int | None = seed  # the base seed in use (restored from checkpoints)
-        self._engine: SavedTensorEngine | None = None
+        self._engine: SavedTensorEngine | CompiledSaveEngine | None = None
         self._monitor_present = False
 
     @property
@@ -102,21 +99,30 @@ class ActivationCompression(Callback):
         """The ledger of the last training forward pass (read by ``MemoryMonitor``)."""
         return self._engine.ledger if self._engine is not None else None
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_compiled(pl_module, type(self).__name__)
-        if self._engine is None or self._engine.model is not pl_module:
+    def _ensure_engine(self, pl_module: pl.LightningModule) -> None:
+        compiled = has_compiled_parts(pl_module)
+        engine = self._engine
+        if engine is None or engine.model is not pl_module or getattr(engine, "compiled", False) != compiled:
             self._engine = compress_activations(
                 pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes,
-                conv_chunk_bytes=self.conv_chunk_bytes, **self.options
+                conv_chunk_bytes=None if compiled else self.conv_chunk_bytes, **self.options
             )
-            rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}")
+            where = " inside the compiled graphs" if compiled else ""
+            rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}{where}")
+        self._engine.seed = self._rng_seed
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._rng_seed is None:
             self._rng_seed = torch.initial_seed()
-        self._engine.seed = self._rng_seed
+        self._ensure_engine(pl_module)
         self._monitor_present = any(
             type(cb).__name__ == "MemoryMonitor" for cb in trainer.callbacks  # type: ignore[attr-defined]
         )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_engine(pl_module)  # configure_model (which may compile) runs after setup
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
