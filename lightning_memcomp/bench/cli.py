@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-epochs", type=int, default=0,
                    help="when > 0, train a fresh model per method for this many epochs on the recipe data (digits "
                         "for classifiers, synthetic volumes for segmenters) and report the test score")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every method's network, the baseline too (quant/blpa run inside the graphs)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (auto: CUDA when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, the random batch and the data split")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per worker (default: torch's)")
@@ -112,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         accuracy_epochs=args.accuracy_epochs, device=args.device, seed=args.seed, threads=args.threads, lr=args.lr,
         csg_slice=slice_shape, csg_code_size=args.csg_code_size, checkpoint_modules=modules,
         band_fft_size=args.band_fft_size, timeout=args.timeout, peak_batch=args.peak_batch,
+        compile=args.compile,
     )
     cfg.validate()
     return cfg

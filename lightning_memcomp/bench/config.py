@@ -37,6 +37,8 @@ class BenchConfig:
     band_fft_size: str = "power2"
     timeout: float = 3600.0
     peak_batch: int | None = None
+    #: every method (the baseline too) runs ``model.compile()``; activation codecs then run inside the graphs
+    compile: bool = False
 
     def validate(self) -> None:
         if self.steps < 1:

@@ -95,6 +95,8 @@ class PreparedModel:
         self.device = device
         model = spec.build().to(device)
         model.train()
+        if cfg.compile:  # in place (no _orig_mod prefix); conversions below replace submodules before any trace
+            model.compile()
         applied = apply_method(model, method, cfg, spatial_dims=spec.spatial_dims, ledger=ledger)
         self.notes: list[str] = applied.notes
         self.model = model

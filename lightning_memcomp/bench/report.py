@@ -198,7 +198,7 @@ def write_outputs(results: Sequence[MethodResult], cfg: BenchConfig, out: Path, 
     spec = resolve_network(cfg)
     info = machine_info(device)
     out.mkdir(parents=True, exist_ok=True)
-    base = name or f"bench_{spec.name}_{device.type}"
+    base = name or f"bench_{spec.name}{'_compiled' if cfg.compile else ''}_{device.type}"
     paths = {"csv": out / f"{base}.csv", "md": out / f"{base}.md", "png": out / f"{base}.png"}
     write_csv(results, paths["csv"])
     paths["md"].write_text(format_markdown(results, cfg, spec, info, command, notes, pending))

@@ -171,6 +171,8 @@ def config_argv(cfg: BenchConfig) -> list[str]:
         argv += ["--csg-slice", ",".join(map(str, cfg.csg_slice))]
     if cfg.checkpoint_modules:
         argv += ["--checkpoint-modules", ",".join(cfg.checkpoint_modules)]
+    if cfg.compile:
+        argv.append("--compile")
     return argv
 
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -39,6 +38,8 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         milestones: fractions of training at which ``multistep`` decays by ``gamma`` (``step``: the period).
         warmup_epochs: linear warm-up before ``cosine``/``multistep``/``step``.
         label_smoothing: cross-entropy label smoothing.
+        compile_network: compile the network with ``torch.compile`` in ``configure_model`` (in place, so
+            checkpoint keys do not change); ``ActivationCompression`` then compresses inside the compiled graphs.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
         gamma: float = 0.1,
         warmup_epochs: int = 0,
         label_smoothing: float = 0.0,
+        compile_network: bool = False,
     ) -> None:
         super().__init__()
         check_optim_options(optimizer, scheduler, lr, warmup_epochs)
@@ -79,6 +81,11 @@ class ImageClassifier(ConversionCheckpointMixin, pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_matches_datamodule(self, ("num_classes", "in_channels"))
+
+    def configure_model(self) -> None:
+        # after the converters' setup (band limiting, CSG), so the converted network is what compiles
+        if self.hparams.get("compile_network") and getattr(self.network, "_compiled_call_impl", None) is None:
+            self.network.compile()
 
     def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
