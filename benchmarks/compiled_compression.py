@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lightning_memcomp import compress_activations
-from lightning_memcomp.bench.machine import machine_info
+from lightning_memcomp.bench.machine import machine_info, machine_summary
 from lightning_memcomp.memory.readings import peak_rss, process_rss, reset_peak_rss
 
 MiB = 2**20
@@ -81,6 +81,9 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
+    # one frame compiled for every method at two batch sizes: beyond Dynamo's default limit of 8 it would fall
+    # back to eager code for the last ones
+    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(args.seed)
     model = build(args.network).train()
     run = torch.compile(model)
@@ -107,6 +110,7 @@ def main() -> int:
         for name, engine in engines.items():
             rows[name].append(step(model, run, engine, x, y))
             gradients[name] = grads(model)
+    ledgers = {name: str(engine.ledger) if engine is not None else "" for name, engine in engines.items()}
     x2, y2 = batch(args.peak_batch)
     big: dict[str, float] = {}
     for name, engine in engines.items():
@@ -124,15 +128,21 @@ def main() -> int:
         f"# {args.network} {args.input_size}x{args.input_size}, torch.compile, CPU: activation compression in the "
         "compiled graphs",
         "",
-        f"Machine: {machine_info(torch.device('cpu'))}",
+        f"Machine: {machine_summary(machine_info(torch.device('cpu')), load=True)}",
         "",
         "Command: `" + shlex.join(["python", "benchmarks/compiled_compression.py", *sys.argv[1:]]) + "`",
         "",
         f"Batch {args.batch} (per-sample peak: slope to batch {args.peak_batch}); medians of {args.steps} interleaved "
         f"steps; Dynamo compiled {graphs} graphs over the run (every method and both batch sizes).",
         "",
+        "Held for backward: RSS growth across the forward (MALLOC_MMAP_THRESHOLD_=65536). Step peak: the process's "
+        "peak resident set (VmHWM, reset per step) above the step's start. Batch multiplier: the baseline's step "
+        "peak per sample over the method's. Grad cosine: all parameter gradients against the baseline's, same "
+        "weights and batch. Ledger: the engine's compiled plan (bytes each compiled graph saves, raw and stored).",
+        "",
         "| method | held for backward MiB | held ratio | step peak MiB | step peak / sample MiB | batch multiplier "
-        "| step s | time ratio | grad cosine | first step s (compile) | ledger (compiled plan) |",
+        "| step s | time ratio | grad cosine | first step s (compile) | ledger (compiled plan, batch "
+        f"{args.batch}) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, engine in engines.items():
@@ -141,7 +151,7 @@ def main() -> int:
         g = gradients[name]
         cosine = float(g @ ref / (g.norm() * ref.norm()))
         same = " (bit-identical)" if torch.equal(g, ref) and name != "baseline" else ""
-        ledger = str(engine.ledger) if engine is not None else ""
+        ledger = ledgers[name]
         lines.append(
             f"| {name} | {held / MiB:.1f} | {base['held'] / max(held, 1):.2f}x | {peak / MiB:.1f} | {slope / MiB:.2f} "
             f"| {slope_base / slope:.2f}x | {seconds:.3f} | {seconds / base['time']:.2f}x | {cosine:.5f}{same} "

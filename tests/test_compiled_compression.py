@@ -207,10 +207,14 @@ def test_quant_4_bits_compresses_inside_the_graph(compiled):
     assert ledger.ratio > 6  # measured 7.3x on the encoded bytes
     names = set(ledger.by_module())
     assert {"0", "2", "3", "5"} & names, names  # attributed to the modules through nn_module_stack
-    # the same hook objects every step: no recompilation
+    # the same hook objects every step, also for an engine made anew each step: no recompilation
     for _ in range(2):
         _grads(model, run, x, y, engine)
+        again = compress_activations(run, "quant", bits=4)
+        assert again.pack_hook is engine.pack_hook and again.unpack_hook is engine.unpack_hook
+        _grads(model, run, x, y, again)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert compress_activations(run, "quant", bits=2).pack_hook is not engine.pack_hook
     # nothing is left running after the block: a plain step is the reference again
     assert torch.equal(_grads(model, run, x, y), reference)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts, name_selection
+from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts
 from lightning_memcomp.compression.registry import make_codec
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, SavedTensorEngine
 from lightning_memcomp.surgery import ModuleSelection, module_filter
@@ -90,7 +90,7 @@ def compress_activations(
                 "convolution backward is eager code the compiled backward does not call; leave it None"
             )
         # the compiled path: pack/unpack as graph code that AOTAutograd inlines (README, "Under torch.compile")
-        return CompiledSaveEngine(model, codec_obj, min_bytes=min_bytes, select=name_selection(modules, model))
+        return CompiledSaveEngine(model, codec_obj, min_bytes=min_bytes, modules=modules)
     select = module_filter(modules, default_selection)
     matched = [name for name, m in model.named_modules() if select(m, name)]
     if not matched:

@@ -23,8 +23,8 @@ This module builds such hooks from the ``quant``, ``blpa`` and ``identity`` code
   random op there: ``should have been handled in replace_random.py``). The dither is a counter-based hash
   of each element's position and its group's minimum (bits of the data), so it changes from step to step
   with the activations, needs no state, and a re-run on the same data gives the same bits.
-* Hook objects are built once per engine and reused: Dynamo guards on their identity, so new objects would
-  recompile every step.
+* Hook objects are built once per (model, codec configuration, ``min_bytes``, selection) and reused, also by
+  engines created every step: Dynamo guards on their identity, so new objects would recompile every step.
 
 The ``wavelet``, ``dct`` and ``threshold`` codecs are refused under compile: their encoders select the
 largest coefficients per span with data-dependent loops and store sparse payloads built in Python
@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -241,6 +242,16 @@ class _HookState:
 
 _STATES: dict[int, _HookState] = {}
 _NEXT_KEY = [0]
+_HOOKS: dict[tuple, tuple] = {}
+_MAX_CACHED = 64
+
+
+def _selection_key(modules: Any) -> Any:
+    if modules is None or isinstance(modules, (str, type)):
+        return modules
+    if callable(modules):
+        return id(modules)
+    return tuple(modules)
 
 
 def _hint(n: Any) -> int:
@@ -428,7 +439,7 @@ class CompiledSaveEngine:
     compiled = True
 
     def __init__(self, model: nn.Module, codec: Codec, *, min_bytes: int = DEFAULT_MIN_BYTES,
-                 select: Callable[[str], bool] | None = None, layout_optimization: bool = False) -> None:
+                 modules: Any = None, layout_optimization: bool = False) -> None:
         problem = graph_codec_problem(codec)
         if problem is not None:
             raise ValueError(problem)
@@ -441,18 +452,29 @@ class CompiledSaveEngine:
         self.layout_optimization = layout_optimization
         self._config: Any = None
         self._active: torch.autograd.graph.saved_tensors_hooks | None = None
+        select = name_selection(modules, model)
+        # The hooks are built once per (model, codec configuration, size floor, selection) and reused, also by
+        # engines created anew every step (``with compress_activations(...)`` in a loop): Dynamo guards on the
+        # hooks' identity, so new objects would recompile the graph every step.
+        cache_key = (id(model), type(codec), repr(codec), min_bytes, _selection_key(modules))
+        cached = _HOOKS.get(cache_key)
+        if cached is not None and cached[0]() is model:
+            _, self._key, self.pack_hook, self.unpack_hook = cached
+            self._state = _STATES[self._key]
+            self._state.codec = codec
+            return
         key = _NEXT_KEY[0]
         _NEXT_KEY[0] += 1
         self._key = key
         names = frozenset(clean_name(name) for name, _ in model.named_modules() if clean_name(name))
         self._state = _HookState(codec, min_bytes, select, names)
         _STATES[key] = self._state
-        # built once and reused: Dynamo guards on the hooks' identity
         self.pack_hook = _hook_module(_graph_pack, key, "saved")
         self.unpack_hook = _hook_module(_graph_unpack, key, "payload")
-
-    def __del__(self) -> None:
-        _STATES.pop(getattr(self, "_key", -1), None)
+        while len(_HOOKS) >= _MAX_CACHED:  # the oldest configuration goes
+            _, old_key, *_ = _HOOKS.pop(next(iter(_HOOKS)))
+            _STATES.pop(old_key, None)
+        _HOOKS[cache_key] = (weakref.ref(model), key, self.pack_hook, self.unpack_hook)
 
     @property
     def active(self) -> bool:
