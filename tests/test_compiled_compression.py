@@ -167,6 +167,12 @@ def test_transform_codecs_are_refused_with_the_reason():
             compress_activations(model, codec)
 
 
+def test_a_pytorch_without_graph_hooks_is_refused(monkeypatch):
+    monkeypatch.setattr(G, "graph_hooks_supported", lambda: False)
+    with pytest.raises(ValueError, match=r"needs PyTorch >= 2.8 .*pass the uncompiled model"):
+        compress_activations(torch.compile(nn.Linear(4, 4)), "quant")
+
+
 def test_callable_selection_is_refused_and_chunking_too():
     model = torch.compile(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="modules=<callable> cannot be honoured"):

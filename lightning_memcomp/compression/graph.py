@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from lightning_memcomp.compression.bitpack import pack_bits, unpack_bits
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, mix_seed
@@ -79,6 +80,11 @@ def has_compiled_parts(model: nn.Module) -> bool:
 
 def graph_codec_problem(codec: Codec) -> str | None:
     """Why ``codec`` cannot run inside compiled graphs, or ``None`` when it can."""
+    if not graph_hooks_supported():
+        return (
+            f"compressing a torch.compile'd model needs PyTorch >= 2.8 (saved-tensor hooks inlined into compiled "
+            f"graphs, pytorch PR 150032); this is torch {torch.__version__}: pass the uncompiled model"
+        )
     if hasattr(codec, "graph_encode") and hasattr(codec, "graph_decode"):
         return None
     if codec.name in GRAPH_CODECS:
@@ -313,7 +319,8 @@ def _graph_pack(x: Tensor, key: int) -> tuple[Tensor, ...]:
     raw = _nbytes(x)
     reason: str | None = None
     payload: tuple[Tensor, ...]
-    if node is None and _is_leaf_parameter(x):
+    tracing = node is not None or is_fake(x)
+    if not tracing and _is_leaf_parameter(x):
         return (x, like, ())  # eager code between compiled regions: parameters are never encoded nor counted
     if state.select is not None and not any(state.select(name) for name in path):
         reason = "excluded by selection"
@@ -329,7 +336,7 @@ def _graph_pack(x: Tensor, key: int) -> tuple[Tensor, ...]:
         reason = "not floating"
     elif x.dim() < 2:
         reason = "0-/1-D"
-    elif node is None and not bool(torch.isfinite(x).all()):
+    elif not tracing and not bool(torch.isfinite(x).all()):
         reason = "codec declined (NaN/Inf)"
     if reason is None and x.dtype != torch.bool:
         order = _memory_order(x)
@@ -347,7 +354,7 @@ def _graph_pack(x: Tensor, key: int) -> tuple[Tensor, ...]:
         plan_key = (cid.frame_id or 0, cid.frame_compile_id or 0) if cid is not None else (0, 0)
         with state.lock:  # AOTAutograd traces the pack twice per saved node: keyed by the node's name
             state.plans.setdefault(plan_key, {})[str(getattr(node, "name", id(node)))] = entry
-    else:
+    elif not tracing:
         state.eager.append(entry)
     return payload
 
@@ -406,9 +413,20 @@ def _decode(codec: Codec, payload: tuple[Tensor, ...], like: Tensor) -> Tensor:
 
 
 def _trace_context() -> dict[str, Any] | None:
-    from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
-
+    try:  # private, PyTorch >= 2.10; without it selection and the ledger's per-graph plan are not available
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+    except ImportError:  # pragma: no cover - older torch
+        return None
     return _get_saved_tensor_hook_context()
+
+
+def graph_hooks_supported() -> bool:
+    """Whether this PyTorch inlines ``GraphModule`` saved-tensor hooks into compiled graphs (2.8 and later)."""
+    try:
+        from torch._functorch._aot_autograd import utils
+    except ImportError:  # pragma: no cover
+        return False
+    return hasattr(utils, "saved_tensors_hooks_are_inlineable")
 
 
 def _hook_module(fn: Callable, key: int, name: str) -> torch.fx.GraphModule:
