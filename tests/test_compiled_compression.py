@@ -207,10 +207,10 @@ def test_quant_4_bits_compresses_inside_the_graph(compiled):
     engine = compress_activations(run, "quant", bits=4)
     got = _grads(model, run, x, y, engine)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    # measured 0.9996 (nearest rounding); margin 0.004
+    # measured 0.9989 (nearest rounding); margin 0.004
     assert _cos(got, reference) > 0.995
     ledger = engine.ledger
-    assert ledger.ratio > 6  # measured 7.3x on the encoded bytes
+    assert ledger.ratio > 6  # measured 6.65x (the ledger is exact: the plan's payload sizes)
     names = set(ledger.by_module())
     assert {"0", "2", "3", "5"} & names, names  # attributed to the modules through nn_module_stack
     # the same hook objects every step, also for an engine made anew each step: no recompilation
@@ -229,8 +229,8 @@ def test_blpa_in_the_graph(compiled):
     model, run, x, y, reference = compiled
     engine = compress_activations(run, "blpa", bits=4)
     got = _grads(model, run, x, y, engine)
-    assert _cos(got, reference) > 0.99  # measured 0.998
-    assert engine.ledger.ratio > 6
+    assert _cos(got, reference) > 0.99  # measured 0.9993
+    assert engine.ledger.ratio > 6  # measured 6.39x
 
 
 def test_module_selection_is_honoured(compiled):
