@@ -110,6 +110,22 @@ def test_trainable_parameters_are_logged_once(fitted) -> None:
     assert float(rows[0]["model/trainable_params"]) == expected and rows[1]["model/trainable_params"] == ""
 
 
+class LazyModule(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[-1] = nn.LazyLinear(10)  # its parameters exist only after the first forward
+
+
+def test_lazy_modules_are_counted_after_the_first_batch(tmp_path) -> None:
+    monitor = MemoryMonitor(every_n_steps=2)
+    trainer = _fit(tmp_path, monitor, module=LazyModule())
+    expected = sum(p.numel() for p in trainer.lightning_module.parameters() if p.requires_grad)
+    assert expected == (8 * 9 + 8) + 8 * 2 + (128 * 10 + 10)  # conv, batch norm, the materialised linear
+    assert [e.value for e in _events(trainer).Scalars("model/trainable_params")] == [expected]
+    assert monitor.history[0]["model/trainable_params"] == expected
+    assert monitor.history[0]["memory/held_raw_mib"] > 0  # the tracking engine ran with the lazy parameters
+
+
 class Sleepy(TinyModule):
     """Sleeps ``naps[global_step]`` seconds in each training step."""
 

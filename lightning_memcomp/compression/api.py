@@ -80,6 +80,11 @@ def compress_activations(
             loss = criterion(model(x), y)
         loss.backward()
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"compress_activations: model={model!r} is a {type(model).__name__}, not a torch.nn.Module; pass the "
+            "network itself (e.g. torchvision.models.resnet18()), not its name"
+        )
     if bits is not None:
         options["bits"] = bits
     codec_obj = make_codec(codec, **options)

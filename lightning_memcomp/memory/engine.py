@@ -297,6 +297,11 @@ class _Region:
 _ACTIVE_ENGINES: list[SavedTensorEngine] = []
 
 
+def _uninitialized(t: Tensor) -> bool:
+    """A lazy module's parameter or buffer before its first forward (``nn.LazyLinear`` and the like)."""
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
 def keep_exact(tensor: Tensor) -> Tensor:
     """Mark ``tensor`` (e.g. a weight computed from parameters) so no active engine encodes it; returns it.
 
@@ -369,6 +374,7 @@ class SavedTensorEngine:
             codec = codec_for(name, module) if codec_for is not None else self._identity
             self._codecs[name] = codec
         self._stack: list[tuple[str, nn.Module, Codec | None]] = []
+        self._outer: SavedTensorEngine | None = None
         # storage pointer -> dense regions packed from it (weak references: autograd owns the packs)
         self._regions: dict[int, list[_Region]] = {}
         # storage pointer -> (weak storage, version) of weights computed from parameters in this forward
@@ -418,6 +424,16 @@ class SavedTensorEngine:
     def start(self, step: int | None = None) -> Ledger:
         if self._hooks is not None:
             raise RuntimeError("this SavedTensorEngine is already active; engines are not re-entrant")
+        # nested engines compose: this one takes the tensors saved in its modules, the engine it was opened
+        # inside (if any) the rest
+        self._outer = _ACTIVE_ENGINES[-1] if _ACTIVE_ENGINES else None
+        meta = next((name for name, p in self.model.named_parameters() if not _uninitialized(p) and p.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"the model's parameter {meta!r} is on the meta device: a forward on meta tensors saves no data and "
+                "the ledger would be all zeros; materialize the model first (model.to_empty(device=...) and "
+                "initialise it, or load its weights)"
+            )
         self.ledger.reset()
         self._regions.clear()
         self._computed.clear()
@@ -426,7 +442,7 @@ class SavedTensorEngine:
         self._param_ptrs = {
             t.untyped_storage().data_ptr()
             for t in (*self.model.parameters(), *self.model.buffers())
-            if t.numel() > 0
+            if not _uninitialized(t) and t.numel() > 0  # a lazy module's parameters exist after its first call
         }
         names = {module: name for name, module in self.model.named_modules(remove_duplicate=False)}
         try:
@@ -559,6 +575,8 @@ class SavedTensorEngine:
                 return packed
             return _ViewPacked(packed, tensor, region.offset, region.size, region.stride)
         ctx, codec = self._scope()
+        if codec is None and self._outer is not None and self._outer.active:
+            return self._outer._pack(tensor)  # not one of this engine's modules: the outer engine's codec
         if codec is None:
             codec = self._identity
         # an expanded view is packed at the size of what it expands (stride-0 dimensions taken once)

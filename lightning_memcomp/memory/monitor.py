@@ -260,6 +260,7 @@ class MemoryMonitor(Callback):
         self._step_times: list[float] = []  # seconds of the unlogged steps since the last log
         self._synced = False  # CUDA: the queue was drained at the end of the previous training step
         self._once: dict[str, float] = {}  # logged at train start, joins the next history row
+        self._params_pending = False
 
     # -- setup -----------------------------------------------------------------------------------
     @override
@@ -281,6 +282,18 @@ class MemoryMonitor(Callback):
                 stacklevel=2,
             )
 
+    def _log_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``model/trainable_params`` once; with lazy modules (``nn.LazyLinear``) not yet initialised, after the
+        first training batch instead."""
+        parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        self._params_pending = any(isinstance(p, torch.nn.parameter.UninitializedTensorMixin) for p in parameters)
+        if self._params_pending:
+            return
+        if trainer.is_global_zero:
+            self._once = {"model/trainable_params": float(sum(p.numel() for p in parameters))}
+            for logger in trainer.loggers:
+                logger.log_metrics(self._once, step=trainer.global_step)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Trainer.log_dir broadcasts from rank 0: resolve it here, where every rank calls it
@@ -288,11 +301,7 @@ class MemoryMonitor(Callback):
         if self._cuda and self.snapshot_on_oom:
             self._start_recording()
         self._synced = False
-        params = float(sum(p.numel() for p in pl_module.parameters() if p.requires_grad))
-        if trainer.is_global_zero:
-            self._once = {"model/trainable_params": params}
-            for logger in trainer.loggers:
-                logger.log_metrics(self._once, step=trainer.global_step)
+        self._log_params(trainer, pl_module)
         if trainer.is_global_zero and not self._layout_written:
             keys = self._device_keys()
             layout = {
@@ -385,6 +394,8 @@ class MemoryMonitor(Callback):
         seconds = time.perf_counter() - self._step_start
         if self._engine is not None and self._engine.active:  # the step skipped backward
             self._engine.stop()
+        if self._params_pending:  # lazy modules are initialised by now
+            self._log_params(trainer, pl_module)
         if self._logging:
             times, self._step_times = self._step_times, []
             self._step_values["time/step_s"] = statistics.median(times) if times else seconds
