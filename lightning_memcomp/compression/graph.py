@@ -33,7 +33,6 @@ largest coefficients per span with data-dependent loops and store sparse payload
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import threading
 import weakref
@@ -48,6 +47,7 @@ from torch._subclasses.fake_tensor import is_fake
 from lightning_memcomp.compression.bitpack import pack_bits, unpack_bits
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, Codec, mix_seed
 from lightning_memcomp.memory.ledger import Ledger
+from lightning_memcomp.surgery import module_filter
 
 __all__ = [
     "CompiledSaveEngine",
@@ -571,28 +571,11 @@ def name_selection(modules: Any, model: nn.Module) -> Callable[[str], bool] | No
             "the graph is traced, where only module names and classes are known; pass class names, qualified-"
             "name globs or module classes instead"
         )
-    items = [modules] if isinstance(modules, (str, type)) else list(modules)
+    select = module_filter(modules)  # the eager selection's own rules: class names, globs, classes
     by_name = {clean_name(name): module for name, module in model.named_modules()}
 
-    def module_at(path: str) -> nn.Module | None:
-        if path in by_name:
-            return by_name[path]
-        for name, module in by_name.items():  # a compiled submodule's paths are relative to it
-            if name.endswith("." + path):
-                return module
-        return None
-
-    def predicate(path: str) -> bool:
-        module = module_at(path)
-        for item in items:
-            if isinstance(item, type):
-                if module is not None and isinstance(module, item):
-                    return True
-            elif fnmatch.fnmatchcase(path, item) or any(n.endswith("." + path) and fnmatch.fnmatchcase(n, item)
-                                                       for n in by_name):
-                return True
-            elif module is not None and type(module).__name__ == item:
-                return True
-        return False
+    def predicate(path: str) -> bool:  # paths arrive as the model's qualified names (see _full_name)
+        module = by_name.get(path)
+        return module is not None and select(module, path)
 
     return predicate
