@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from lightning_memcomp._lightning import Callback, move_data_to_device
 from lightning_memcomp.bench.config import BenchConfig
 from lightning_memcomp.bench.probes import resident_bytes, rss
 from lightning_memcomp.memory.readings import peak_rss, reset_peak_rss
@@ -718,7 +717,7 @@ class BatchSizePlanner(Callback):
         self.batch_size: int | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
+        from lightning_memcomp._lightning import lightning_hasattr, lightning_setattr
 
         if not lightning_hasattr(pl_module, self.attr_name):
             raise ValueError(f"BatchSizePlanner: attr_name={self.attr_name!r} is neither on the model, its "

@@ -13,12 +13,12 @@ import functools
 import types
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_memcomp import _lightning as pl
+from lightning_memcomp._lightning import Callback
 from lightning_memcomp.surgery import ModuleSelection, module_filter
 
 __all__ = ["ActivationCheckpointing", "checkpoint_forward", "is_block", "select_blocks"]

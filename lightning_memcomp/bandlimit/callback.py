@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_memcomp import _lightning as pl
+from lightning_memcomp._lightning import Callback, rank_zero_info
 from lightning_memcomp.bandlimit.convert import TECHNIQUE, band_limit, band_limited_layers
 from lightning_memcomp.bandlimit.functional import _check_fft_size, resolve_rates
 from lightning_memcomp.checkpoint import CHECKPOINT_KEY, conversions_of, restore_conversions

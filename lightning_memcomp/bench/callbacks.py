@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning.pytorch as pl
-
+from lightning_memcomp import _lightning as pl
 from lightning_memcomp.bench.timing import synchronize
 
 __all__ = ["StepTimer"]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_memcomp import _lightning as pl
+from lightning_memcomp._lightning import Callback, rank_zero_info
 from lightning_memcomp.compression.api import compress_activations
 from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts
 from lightning_memcomp.compression.registry import make_codec

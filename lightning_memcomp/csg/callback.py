@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_memcomp import _lightning as pl
+from lightning_memcomp._lightning import Callback, rank_zero_info
 from lightning_memcomp.checkpoint import CHECKPOINT_KEY, conversions_of, restore_conversions
 from lightning_memcomp.csg.convert import _BINARY_FIT, slice_generate
 from lightning_memcomp.csg.generator import GeneratorSource, check_slice_options
@@ -108,9 +107,7 @@ class ConvSliceGeneration(Callback):
 
 
 def _reject_sharded(trainer: pl.Trainer) -> None:
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+    if isinstance(trainer.strategy, pl.ShardedStrategies):
         raise RuntimeError(
             f"ConvSliceGeneration does not support strategy={type(trainer.strategy).__name__}: the generator shared by "
             "all converted layers must stay one whole parameter; use a single device or strategy='ddp'"

@@ -11,12 +11,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from lightning_memcomp import _lightning as pl
+from lightning_memcomp._lightning import Callback, TensorBoardLoggers
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, track_saved_tensors
 from lightning_memcomp.memory.ledger import Ledger, MiB
 from lightning_memcomp.memory.readings import NVMLReader, cuda_counters, peak_rss, process_rss, reset_peak_rss
@@ -312,7 +311,7 @@ class MemoryMonitor(Callback):
                 }
             }
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
+                if isinstance(logger, TensorBoardLoggers):
                     logger.experiment.add_custom_scalars(layout)
             self._layout_written = True
 
@@ -466,7 +465,7 @@ class MemoryMonitor(Callback):
     def _write_table(self, trainer: pl.Trainer, ledger: Ledger) -> None:
         table = ledger.table(top=self.module_table_rows)
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TensorBoardLoggers):
                 logger.experiment.add_text("memory/held_by_module", table, global_step=trainer.global_step)
         if self._writes_files(trainer):
             (self._log_dir(trainer) / "memory_by_module.md").write_text(table + "\n")
@@ -487,7 +486,7 @@ class MemoryMonitor(Callback):
         if figure is None:
             return
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
+            if isinstance(logger, TensorBoardLoggers):
                 logger.experiment.add_figure("memory/curves", figure, global_step=trainer.global_step, close=False)
                 logger.experiment.flush()
         if self._writes_files(trainer):
