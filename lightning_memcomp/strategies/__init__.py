@@ -15,24 +15,62 @@ compressed. The ledger of the last training forward is ``strategy.memcomp_ledger
       strategy:
         class_path: lightning_memcomp.strategies.DDPMemCompStrategy
         init_args: {codec: quant, bits: 4, codec_options: {group_size: 512}}
+
+Both Lightning packages: a ``Trainer`` accepts only strategies that subclass its own package's ``Strategy``, so
+the classes below are built for each installed package from one definition (:func:`strategies_for`) and the
+names are registered in each package's ``StrategyRegistry``:
+
+- ``lightning_memcomp.strategies.MemCompSingleDeviceStrategy`` / ``DDPMemCompStrategy``: for ``lightning``
+  (``lightning.pytorch``), or for ``pytorch_lightning`` when ``lightning`` is not installed;
+- ``lightning_memcomp.strategies.pytorch_lightning.MemCompSingleDeviceStrategy`` / ``DDPMemCompStrategy``:
+  for ``pytorch_lightning``.
+
+Lightning looks ``strategy="memcomp"`` up before it loads any plugin entry point, so the names exist only
+once this module was imported (``import lightning_memcomp`` does it). Without that import, give the class
+path (``--trainer.strategy=lightning_memcomp.strategies.DDPMemCompStrategy`` in LightningCLI) or an instance.
+
+Seed policy of stochastic rounding: every rank uses the same base seed (``torch.initial_seed()``, which
+``seed_everything`` makes equal on all ranks; saved in checkpoints) and draws from ``(base seed, global step,
+batch index, global rank)`` (:func:`distributed_step_seed`): rank 0 draws as a single-device run does, and
+the ranks' rounding errors are independent, so they average out in DDP's gradient all-reduce.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 
+from lightning_memcomp._lightning import PACKAGES
 from lightning_memcomp.compression.api import compress_activations
 from lightning_memcomp.compression.graph import CompiledSaveEngine
 from lightning_memcomp.compression.registry import make_codec
-from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine
+from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
 from lightning_memcomp.memory.ledger import Ledger
 from lightning_memcomp.surgery import ModuleSelection
 
-__all__ = ["DDPMemCompStrategy", "MemCompSingleDeviceStrategy", "register_strategies"]
+__all__ = [
+    "DDPMemCompStrategy",
+    "MemCompSingleDeviceStrategy",
+    "distributed_step_seed",
+    "register_strategies",
+    "strategies_for",
+]
+
+#: the module each package's classes live in (their ``__module__``: pickling and class paths find them there)
+_HOME = {"lightning.pytorch": __name__, "pytorch_lightning": f"{__name__}.pytorch_lightning"}
+
+
+def distributed_step_seed(trainer: Any, batch_idx: int) -> int:
+    """The step number a rank's engine reseeds from: ``training_step_seed`` (global step, batch index) of
+    :mod:`lightning_memcomp.compression.callback`, mixed with the global rank on ranks other than 0."""
+    from lightning_memcomp.compression.callback import training_step_seed
+
+    step = training_step_seed(trainer, batch_idx)
+    rank = int(getattr(trainer, "global_rank", 0))
+    return step if rank == 0 else mix_seed(step, rank)
 
 
 class _CompressedTrainingStep:
@@ -87,9 +125,7 @@ class _CompressedTrainingStep:
             self._memcomp_engine = engine
         return engine
 
-    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        from lightning_memcomp.compression.callback import training_step_seed
-
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
         module = self.lightning_module  # type: ignore[attr-defined]
         engine = self._engine_for(module)
         if self._memcomp_rng_seed is None:
@@ -98,7 +134,7 @@ class _CompressedTrainingStep:
         trainer = module._trainer
         step = None
         if trainer is not None:
-            step = training_step_seed(trainer, trainer.fit_loop.epoch_loop.batch_idx)
+            step = distributed_step_seed(trainer, trainer.fit_loop.epoch_loop.batch_idx)
         engine.start(step=step)
         try:
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
@@ -106,7 +142,7 @@ class _CompressedTrainingStep:
             engine.stop()
 
 
-class MemCompSingleDeviceStrategy(_CompressedTrainingStep, SingleDeviceStrategy):
+class _MemCompSingleDevice(_CompressedTrainingStep):
     """Single-device training with compressed activations (registered as ``"memcomp"``).
 
     Args:
@@ -159,12 +195,12 @@ class MemCompSingleDeviceStrategy(_CompressedTrainingStep, SingleDeviceStrategy)
         )
 
 
-class DDPMemCompStrategy(_CompressedTrainingStep, DDPStrategy):
+class _DDPMemComp(_CompressedTrainingStep):
     """DDP training with compressed activations (registered as ``"ddp_memcomp"``, popen launcher).
 
     Args:
         codec, bits, modules, min_bytes, codec_options: as for :class:`MemCompSingleDeviceStrategy`.
-        **kwargs: :class:`~lightning.pytorch.strategies.DDPStrategy` arguments (``find_unused_parameters``,
+        **kwargs: the package's ``DDPStrategy`` arguments (``find_unused_parameters``,
             ``start_method``, ...) and keyword arguments for ``DistributedDataParallel``.
     """
 
@@ -194,10 +230,48 @@ class DDPMemCompStrategy(_CompressedTrainingStep, DDPStrategy):
         )
 
 
-def register_strategies(registry: Any = StrategyRegistry) -> None:
-    """Register ``"memcomp"``, ``"ddp_memcomp"`` and ``"ddp_spawn_memcomp"`` (done on import)."""
-    MemCompSingleDeviceStrategy.register_strategies(registry)
-    DDPMemCompStrategy.register_strategies(registry)
+@functools.cache
+def strategies_for(package: str) -> tuple[type, type]:
+    """``(MemCompSingleDeviceStrategy, DDPMemCompStrategy)`` for ``package`` (``"lightning.pytorch"`` or
+    ``"pytorch_lightning"``): subclasses of its ``SingleDeviceStrategy`` and ``DDPStrategy``, built once.
+
+    Raises:
+        ValueError: ``package`` is neither of the two.
+        ImportError: ``package`` is not installed.
+    """
+    if package not in _HOME:
+        raise ValueError(f"package={package!r} is not a Lightning package; use one of {sorted(_HOME)}")
+    strategies = importlib.import_module(f"{package}.strategies")
+    built = []
+    for name, mixin, base in (
+        ("MemCompSingleDeviceStrategy", _MemCompSingleDevice, strategies.SingleDeviceStrategy),
+        ("DDPMemCompStrategy", _DDPMemComp, strategies.DDPStrategy),
+    ):
+        attrs = {"__module__": _HOME[package], "__qualname__": name, "__doc__": mixin.__doc__}
+        built.append(type(name, (mixin, base), attrs))
+    return built[0], built[1]
 
 
+def register_strategies(registry: Any = None) -> None:
+    """Register ``"memcomp"``, ``"ddp_memcomp"`` and ``"ddp_spawn_memcomp"`` in ``registry``, a package's
+    ``StrategyRegistry`` (default: that of every installed Lightning package; done on import).
+
+    Raises:
+        ValueError: ``registry`` is not the ``StrategyRegistry`` of an installed Lightning package.
+    """
+    targets = {p.__name__: p.strategies.StrategyRegistry for p in PACKAGES}
+    if registry is not None:
+        targets = {name: r for name, r in targets.items() if r is registry}
+        if not targets:
+            raise ValueError(
+                f"registry={registry!r} is not the StrategyRegistry of an installed Lightning package; give "
+                "lightning.pytorch.strategies.StrategyRegistry or pytorch_lightning.strategies.StrategyRegistry"
+            )
+    for package, target in targets.items():
+        for cls in strategies_for(package):
+            cls.register_strategies(target)
+
+
+#: for ``lightning``; for ``pytorch_lightning`` when ``lightning`` is not installed
+MemCompSingleDeviceStrategy, DDPMemCompStrategy = strategies_for(PACKAGES[0].__name__)
 register_strategies()
