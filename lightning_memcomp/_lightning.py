@@ -76,6 +76,25 @@ ShardedStrategies: tuple[type, ...] = (
     + classes("strategies", "ModelParallelStrategy")
 )
 
+#: why activation compression refuses them: a sharded strategy gathers each layer's weights just before its
+#: forward into fresh storage that is no parameter, so the engine would encode the weights as activations
+SHARDED_WEIGHTS_ARE_ACTIVATIONS = (
+    "the weights it gathers for each forward are new tensors, not the parameters, and would be encoded like "
+    "activations (backward would read rounded weights); use strategy='ddp_memcomp' or strategy='ddp'"
+)
+
+
+def reject_sharded(trainer: Any, who: str, why: str = SHARDED_WEIGHTS_ARE_ACTIVATIONS) -> None:
+    """Raise if ``trainer`` runs a strategy that shards parameters (FSDP, DeepSpeed, ModelParallel) of either package.
+
+    Raises:
+        RuntimeError: naming ``who``, the strategy and ``why``.
+    """
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, ShardedStrategies):
+        raise RuntimeError(f"{who} does not support strategy={type(strategy).__name__}: {why}")
+
+
 # the same functions in both packages (lightning_utilities' and Fabric's), whichever is installed
 rank_zero_info = pl.utilities.rank_zero_info
 rank_zero_warn = pl.utilities.rank_zero_warn
@@ -99,5 +118,6 @@ __all__ = [
     "move_data_to_device",
     "package_of",
     "rank_zero_info",
+    "reject_sharded",
     "rank_zero_warn",
 ]
