@@ -32,7 +32,7 @@ path (``--trainer.strategy=lightning_memcomp.strategies.DDPMemCompStrategy`` in 
 Seed policy of stochastic rounding: every rank uses the same base seed (``torch.initial_seed()``, which
 ``seed_everything`` makes equal on all ranks; saved in checkpoints) and draws from ``(base seed, global step,
 batch index, global rank)`` (:func:`distributed_step_seed`): rank 0 draws as a single-device run does, and
-the ranks' rounding errors are independent, so they average out in DDP's gradient all-reduce.
+the ranks' rounding errors are independent, as their data are, instead of sharing one dither.
 """
 
 from __future__ import annotations
