@@ -35,6 +35,7 @@ _LAZY = {
     "BandLimiting": "lightning_memcomp.bandlimit",
     "slice_generate": "lightning_memcomp.csg",
     "fold_slices": "lightning_memcomp.csg",
+    "load_converted": "lightning_memcomp.checkpoint",
     "ConvSliceGeneration": "lightning_memcomp.csg",
     "ActivationCheckpointing": "lightning_memcomp.recompute",
     "checkpoint_forward": "lightning_memcomp.recompute",

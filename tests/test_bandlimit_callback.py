@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_memcomp
 from lightning_memcomp.bandlimit import BandLimitedConv2d, BandLimiting
-from lightning_memcomp.checkpoint import CHECKPOINT_KEY, ConversionCheckpointMixin
+from lightning_memcomp.checkpoint import CHECKPOINT_KEY, ConversionCheckpointMixin, conversions_of
 
 
 class TinyDigits(ConversionCheckpointMixin, pl.LightningModule):
@@ -87,7 +87,7 @@ def test_setup_converts_once_across_stages(tmp_path, loader):
     stem = model.stem
     trainer.validate(model, loader, verbose=False)
     assert model.stem is stem
-    assert len(model._memcomp_conversions) == 1
+    assert len(conversions_of(model)) == 1
 
 
 def test_realized_compression_is_logged_each_training_step(tmp_path, loader):

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_memcomp import fold_slices, slice_generate
 from lightning_memcomp.checkpoint import conversions_of, restore_conversions
-from lightning_memcomp.csg import GENERATOR_NAME, SliceConv, SliceGenerator
+from lightning_memcomp.csg import GENERATOR_NAME, SliceConv, SliceConv3d, SliceGenerator
 from lightning_memcomp.surgery import count_parameters
 from recipes.classification.networks_cifar import resnet56_cifar, resnet_cifar_he
 
@@ -288,3 +288,39 @@ def test_conversion_on_cuda_keeps_generator_codes_and_fit_on_the_device(small_cn
     model.eval()
     torch.testing.assert_close(model(x), original(x), atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(fold_slices(model)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# -- default slice shapes for 1-D, 2-D and 3-D networks ---------------------------------------------------
+
+
+def test_default_slice_follows_the_dimensionality_of_the_network():
+    from lightning_memcomp.csg import DEFAULT_SLICE_SHAPES, default_slice_shape
+
+    one_d = nn.Sequential(nn.Conv1d(1, 16, 3), nn.Conv1d(16, 16, 3), nn.Conv1d(16, 16, 3))
+    report = slice_generate(one_d)
+    assert report.extra["slice_shape"] == [16, 16, 3] and len(report.converted) == 2
+    mixed = nn.ModuleDict({"a": nn.Conv2d(1, 4, 3), "b": nn.Conv3d(4, 4, 3), "c": nn.Conv3d(4, 4, 3),
+                           "d": nn.Conv3d(4, 4, 1)})
+    assert default_slice_shape(mixed) == DEFAULT_SLICE_SHAPES[3] == (16, 16, 3, 3, 3)  # most kxk convs are 3-D
+    assert default_slice_shape(mixed, modules="a") == (16, 16, 3, 3)
+    assert default_slice_shape(nn.Linear(2, 2)) == (16, 16, 3, 3)
+
+
+#: the issue's 3-D network (MONAI's 3-D segmentation tutorial)
+UNET3D = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (16, 32, 64, 128), "strides": (2, 2, 2),
+          "num_res_units": 2}
+
+
+def test_defaults_convert_the_3d_convolutions_of_a_monai_unet_and_train():
+    net = pytest.importorskip("monai.networks.nets").UNet(**UNET3D)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.warns(UserWarning, match="ConvTranspose3d.*transposed convolutions are not supported"):
+        report = slice_generate(net)
+    assert report.extra["slice_shape"] == [16, 16, 3, 3, 3]
+    converted = [m for m in net.modules() if isinstance(m, SliceConv3d)]
+    assert len(report.converted) == len(converted) == 13  # every 3x3x3 conv but the first
+    y = net(x)
+    assert y.shape == (1, 2, 16, 16, 16)
+    y.square().mean().backward()
+    assert all(m.codes.grad is not None and m.codes.grad.abs().sum() > 0 for m in converted)
+    assert net.memcomp_slice_generator.weight.grad.abs().sum() > 0

@@ -5,8 +5,20 @@ Only a low-frequency block of each convolution's input, filter and output-gradie
 the compressed input spectrum is kept for backward (the filter spectrum is recomputed from the weight).
 """
 
-from lightning_memcomp.bandlimit.convert import BAND_LIMITED_TYPES, band_limit, band_limited_layers
-from lightning_memcomp.bandlimit.functional import FFT_SIZES, band_limited_conv, complex_mac
+from lightning_memcomp.bandlimit.convert import (
+    BAND_LIMITED_TYPES,
+    BandLimitEstimate,
+    band_limit,
+    band_limited_layers,
+    estimate_band_limit,
+)
+from lightning_memcomp.bandlimit.functional import (
+    FFT_SIZES,
+    BandLimitMemoryError,
+    LayerEstimate,
+    band_limited_conv,
+    complex_mac,
+)
 from lightning_memcomp.bandlimit.layers import (
     BandLimitedConv1d,
     BandLimitedConv2d,
@@ -22,13 +34,17 @@ __all__ = [
     "BandLimitedConv1d",
     "BandLimitedConv2d",
     "BandLimitedConv3d",
+    "BandLimitEstimate",
+    "BandLimitMemoryError",
     "BandLimiting",
     "EnergyLevels",
+    "LayerEstimate",
     "UnsupportedConvError",
     "band_limit",
     "band_limited_conv",
     "band_limited_layers",
     "complex_mac",
+    "estimate_band_limit",
     "share_energy_levels",
 ]
 

@@ -27,7 +27,12 @@ from torch.autograd.function import once_differentiable
 from lightning_memcomp.kernels import use_cuda_kernel
 
 __all__ = [
+    "DEFAULT_FFT_SIZE",
     "FFT_SIZES",
+    "BandLimitMemoryError",
+    "LayerEstimate",
+    "ON_LARGER",
+    "estimate_conv",
     "SpectrumPlan",
     "band_limited_conv",
     "choose_energy_level",
@@ -39,16 +44,21 @@ __all__ = [
     "LowPassBlock",
     "lowpass_block",
     "lowpass_sizes",
+    "next_fast_size",
     "realized_compression",
     "resolve_rates",
     "sizes_for_level",
 ]
 
-#: how the FFT size of each spatial dim is chosen (``L = n + 2p + max(out, k) - 1``, the paper's length):
-#: ``"power2"`` rounds ``L`` up to a power of two (the paper's default), ``"linear"`` uses ``L`` as is,
-#: ``"minimal"`` uses the padded input length ``n + 2p``, the smallest size at which the uncompressed
-#: forward and both gradients have no wrap-around.
-FFT_SIZES = ("power2", "linear", "minimal")
+#: how the FFT size of each spatial dim is chosen. ``"minimal"`` (the default) uses the padded input length
+#: ``n + 2p``: the smallest size at which the forward and both gradients have no wrap-around (a correlation's
+#: outputs ``0..n+2p-k`` and the input gradient's zero-padded output both fit), so it is exact and the cheapest
+#: in memory. ``"fast"`` rounds that up to the next size whose prime factors are 2, 3, 5 and 7 (FFT libraries
+#: are fastest there; at most a few percent larger). ``"linear"`` is the paper's length
+#: ``L = n + 2p + max(out, k) - 1`` and ``"power2"`` rounds ``L`` up to a power of two (the paper's default):
+#: both about double each dim, so ``2**d`` times the spectrum in ``d`` dims.
+FFT_SIZES = ("minimal", "fast", "linear", "power2")
+DEFAULT_FFT_SIZE = "minimal"
 DEFAULT_COMPRESS_RATE = 50.0
 
 
@@ -86,21 +96,33 @@ def resolve_rates(compress_rate: float | None, preserve_energy: float | None) ->
 
 
 def _check_fft_size(fft_size: str) -> str:
-    if fft_size not in FFT_SIZES:
+    if not isinstance(fft_size, str) or fft_size not in FFT_SIZES:
         raise ValueError(f"fft_size={fft_size!r} is not allowed; use one of {', '.join(map(repr, FFT_SIZES))}")
     return fft_size
+
+
+def next_fast_size(n: int) -> int:
+    """The smallest ``m >= n`` whose prime factors are all 2, 3, 5 or 7 (sizes FFT libraries handle fastest)."""
+    m = max(1, int(n))
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
 
 
 def fft_shape(
     input_size: Sequence[int],
     padding: Sequence[tuple[int, int]],
     kernel_size: Sequence[int],
-    fft_size: str = "power2",
+    fft_size: str = DEFAULT_FFT_SIZE,
 ) -> tuple[int, ...]:
-    """FFT grid per spatial dim: ``n + pl + pr + max(out, k) - 1`` (paper), optionally a power of two.
-
-    The paper's length lets the same input spectrum serve the weight-gradient correlation; ``"minimal"``
-    (``n + pl + pr``) is enough for exact results and is the cheapest in memory.
+    """FFT grid per spatial dim (see :data:`FFT_SIZES`): ``n + pl + pr`` (``"minimal"``, exact), its next
+    2-3-5-7-smooth size (``"fast"``), the paper's ``n + pl + pr + max(out, k) - 1`` (``"linear"``) or that
+    rounded up to a power of two (``"power2"``).
     """
     _check_fft_size(fft_size)
     shape = []
@@ -110,9 +132,11 @@ def fft_shape(
             raise ValueError(f"input size {n} padded by ({pl}, {pr}) is smaller than the kernel size {k}")
         if fft_size == "minimal":
             shape.append(padded)
-            continue
-        length = padded + max(padded - k + 1, k) - 1
-        shape.append(1 << (length - 1).bit_length() if fft_size == "power2" else length)
+        elif fft_size == "fast":
+            shape.append(next_fast_size(padded))
+        else:
+            length = padded + max(padded - k + 1, k) - 1
+            shape.append(1 << (length - 1).bit_length() if fft_size == "power2" else length)
     return tuple(shape)
 
 
@@ -249,6 +273,128 @@ def choose_energy_level(
 ) -> int:
     """:func:`energy_level` read on the host at once (one host sync)."""
     return read_levels(energy_level(spectrum, levels, weights, top, preserve_energy).view(1))[0]
+
+
+# -- estimates: what a conversion holds and costs, before it runs ------------------------------------------
+
+#: what a converter does where a band-limited layer would hold more for backward than the convolution it
+#: replaces: ``"warn"`` (default), ``"error"`` (refuse, with the estimate) or ``"ignore"``
+ON_LARGER = ("warn", "error", "ignore")
+
+
+class BandLimitMemoryError(RuntimeError):
+    """A band-limited conversion would hold more for backward than the convolutions it replaces
+    (raised with ``on_larger="error"``; the message holds the estimate)."""
+
+
+def _check_on_larger(on_larger: str) -> str:
+    if not isinstance(on_larger, str) or on_larger not in ON_LARGER:
+        raise ValueError(f"on_larger={on_larger!r} is not allowed; use one of {', '.join(map(repr, ON_LARGER))}")
+    return on_larger
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.3g} MiB"
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    """What one band-limited convolution holds for backward and roughly costs at one input shape.
+
+    ``held_bytes``: the compressed input spectrum kept for backward (complex, ``kept`` coefficients per sample
+    and channel; for ``preserve_energy`` an upper bound, the whole one-sided spectrum, since the block is chosen
+    per batch). ``conv_bytes``: the input the convolution it replaces saves for backward. ``input_shared``: another
+    operation saves that input for backward too (a ReLU keeps its output, which is the next convolution's input),
+    so converting frees nothing and the spectrum is added on top; ``None`` when not known (only a probe forward
+    pass with an example input finds it out). ``transient_bytes``: the largest spectrum formed during the forward
+    (freed at its end).
+    ``spectral_macs``/``direct_macs``: complex multiply-accumulates of the frequency-domain product against the
+    real ones of the direct convolution (FFTs not counted).
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    out_channels: int
+    fft_shape: tuple[int, ...]
+    kept: int
+    compression: float | None
+    held_bytes: int
+    conv_bytes: int
+    transient_bytes: int
+    spectral_macs: int
+    direct_macs: int
+    input_shared: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        """Held bytes over the convolution's saved input (> 1: the band-limited layer holds more)."""
+        return self.held_bytes / self.conv_bytes if self.conv_bytes else float("inf")
+
+    @property
+    def freed_bytes(self) -> int:
+        """What converting frees: the convolution's saved input, unless another operation keeps it."""
+        return 0 if self.input_shared else self.conv_bytes
+
+    @property
+    def added_bytes(self) -> int:
+        """Net change of the bytes held for backward (negative: the conversion saves memory)."""
+        return self.held_bytes - self.freed_bytes
+
+    @property
+    def larger(self) -> bool:
+        """The spectrum is larger than the input the convolution saves (whoever else keeps that input)."""
+        return self.held_bytes > self.conv_bytes
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        fft = "x".join(map(str, self.fft_shape))
+        return (
+            f"{self.name or '<layer>'} at input {shape}: FFT {fft}, holds {_mib(self.held_bytes)} of spectrum for "
+            f"backward vs {_mib(self.conv_bytes)} for the convolution ({self.ratio:.2f}x"
+            + (", whose input another layer keeps anyway: all of it is added" if self.input_shared else "")
+            + f"), forward transient {_mib(self.transient_bytes)}"
+        )
+
+
+def estimate_conv(
+    input_shape: Sequence[int],
+    dtype: torch.dtype,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    compress_rate: float | None,
+    fft_size: str = DEFAULT_FFT_SIZE,
+    name: str = "",
+) -> LayerEstimate:
+    """The :class:`LayerEstimate` of a band-limited correlation of an input ``[B, C, *S]`` (no tensor is made).
+
+    ``compress_rate=None`` means ``preserve_energy`` mode: the held figure is then the whole-spectrum bound.
+    """
+    b, c, *size = (int(v) for v in input_shape)
+    shape = fft_shape(size, padding, kernel_size, fft_size)
+    if compress_rate is not None:
+        block = lowpass_block(shape, lowpass_sizes(shape, compress_rate))
+        kept, compression = block.kept, block.compression
+    else:
+        kept, compression = math.prod(_one_sided(shape)), None
+    real = torch.empty((), dtype=dtype).element_size()
+    complex_bytes = 16 if dtype == torch.float64 else 8  # half precision is computed in float32
+    out = [(n + pl + pr - k) // s + 1 for n, (pl, pr), k, s in zip(size, padding, kernel_size, stride)]
+    full_one_sided = math.prod(_one_sided(shape))
+    return LayerEstimate(
+        name=name,
+        input_shape=(b, c, *size),
+        out_channels=int(out_channels),
+        fft_shape=shape,
+        kept=kept,
+        compression=compression,
+        held_bytes=b * c * kept * complex_bytes,
+        conv_bytes=b * c * math.prod(size) * real,
+        transient_bytes=b * max(c, int(out_channels)) * full_one_sided * complex_bytes,
+        spectral_macs=b * c * int(out_channels) * kept,
+        direct_macs=b * c * int(out_channels) * math.prod(out) * math.prod(kernel_size),
+    )
 
 
 # -- the complex multiply-accumulate over channels --------------------------------------------------------

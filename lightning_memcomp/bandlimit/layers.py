@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -11,11 +12,16 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from lightning_memcomp.bandlimit.functional import (
+    DEFAULT_FFT_SIZE,
+    BandLimitMemoryError,
+    LayerEstimate,
     LowPassBlock,
     SpectrumPlan,
     _check_fft_size,
+    _check_on_larger,
     band_limited_conv,
     energy_level,
+    estimate_conv,
     fft_shape,
     lowpass_sizes,
     read_levels,
@@ -123,8 +129,14 @@ class _BandLimitedConvNd(nn.Module):
             holding it is measured on every batch and applied from the next one, the levels of all layers
             sharing an :class:`EnergyLevels` read with one host sync per batch (see there). Exclusive with
             ``compress_rate``.
-        fft_size: ``"power2"`` (paper), ``"linear"`` (the paper's length, not rounded) or ``"minimal"``
-            (padded input size); see :data:`~lightning_memcomp.bandlimit.functional.FFT_SIZES`.
+        fft_size: ``"minimal"`` (default: the padded input size, the smallest exact grid), ``"fast"`` (that
+            rounded up to a 2-3-5-7-smooth size), ``"linear"`` (the paper's length) or ``"power2"`` (the paper's
+            default, about ``2**d`` times the spectrum); see
+            :data:`~lightning_memcomp.bandlimit.functional.FFT_SIZES`.
+        on_larger: at the first forward pass at each input size, before any FFT runs, the layer estimates
+            the spectrum it will hold for backward; where that is more than the input an ``nn.ConvNd`` would
+            save, ``"warn"`` (default) warns with the estimate, ``"error"`` raises
+            :class:`~lightning_memcomp.bandlimit.functional.BandLimitMemoryError`, ``"ignore"`` does neither.
 
     After each forward pass :attr:`realized_compression` holds the fraction of spectral coefficients that
     were actually dropped (it differs from ``compress_rate`` by the integer truncation of ``m``).
@@ -147,7 +159,8 @@ class _BandLimitedConvNd(nn.Module):
         *,
         compress_rate: float | None = None,
         preserve_energy: float | None = None,
-        fft_size: str = "power2",
+        fft_size: str = DEFAULT_FFT_SIZE,
+        on_larger: str = "warn",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -164,6 +177,7 @@ class _BandLimitedConvNd(nn.Module):
             )
         self.compress_rate, self.preserve_energy = resolve_rates(compress_rate, preserve_energy)
         self.fft_size = _check_fft_size(fft_size)
+        self.on_larger = _check_on_larger(on_larger)
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
         self.kernel_size = _tuple(kernel_size, d, "kernel_size")
@@ -201,6 +215,10 @@ class _BandLimitedConvNd(nn.Module):
         #: fraction of one-sided spectral coefficients dropped in the last forward pass
         self.realized_compression: float | None = None
         self._plans: dict[tuple[Any, ...], SpectrumPlan] = {}
+        #: spatial input sizes already checked against ``on_larger`` (by the converter's estimate or here)
+        self._checked_sizes: set[tuple[int, ...]] = set()
+        #: the layer's name in its model (set by :func:`~lightning_memcomp.bandlimit.band_limit`, for messages)
+        self.qualified_name = ""
         #: preserve_energy mode: the group whose levels are read together (see :class:`EnergyLevels`)
         self.energy_levels = EnergyLevels()
 
@@ -219,7 +237,8 @@ class _BandLimitedConvNd(nn.Module):
         compress_rate: float | None = None,
         preserve_energy: float | None = None,
         *,
-        fft_size: str = "power2",
+        fft_size: str = DEFAULT_FFT_SIZE,
+        on_larger: str = "warn",
     ) -> _BandLimitedConvNd:
         """Band-limit ``conv``, keeping its weight and bias (the same ``Parameter`` objects, not copies).
 
@@ -245,6 +264,7 @@ class _BandLimitedConvNd(nn.Module):
             compress_rate=compress_rate,
             preserve_energy=preserve_energy,
             fft_size=fft_size,
+            on_larger=on_larger,
             device="meta",
         )
         new.weight = conv.weight  # type: ignore[assignment]
@@ -274,6 +294,37 @@ class _BandLimitedConvNd(nn.Module):
         shape = fft_shape(input_size, self._padding_pairs, self.kernel_size, self.fft_size)
         return realized_compression(shape, lowpass_sizes(shape, self.compress_rate))
 
+    def estimate(self, input_shape: Sequence[int], dtype: torch.dtype = torch.float32, name: str = "") -> LayerEstimate:
+        """What this layer holds for backward and roughly costs on an input ``[B, C, *S]`` (nothing is run).
+
+        In ``preserve_energy`` mode the held figure is the whole-spectrum bound (the block is chosen per batch).
+        """
+        return estimate_conv(
+            input_shape, dtype, self.out_channels, self.kernel_size, self.stride, self._padding_pairs,
+            self.compress_rate, self.fft_size, name,
+        )
+
+    def _check_memory(self, x: Tensor) -> None:
+        size = tuple(x.shape[2:])
+        self._checked_sizes.add(size)
+        if self.on_larger == "ignore":
+            return
+        est = self.estimate(x.shape, x.dtype, name=self.qualified_name or type(self).__name__)
+        if not est.larger:
+            return
+        message = (
+            f"{est.describe()}: the band-limited layer holds more for backward than the convolution it replaces "
+            f"(fft_size={self.fft_size!r}, "
+            + (f"compress_rate={self.compress_rate:g}" if self.compress_rate is not None
+               else f"preserve_energy={self.preserve_energy:g}, an upper bound")
+            + "). A higher compress_rate"
+            + (", fft_size='minimal'" if self.fft_size != "minimal" else "")
+            + " or leaving this layer a plain convolution (modules=) avoids it; on_larger='ignore' silences this check"
+        )
+        if self.on_larger == "error":
+            raise BandLimitMemoryError(message)
+        warnings.warn(message, stacklevel=3)
+
     def forward(self, x: Tensor) -> Tensor:
         d = self._dims
         if x.dim() != d + 2:
@@ -282,6 +333,8 @@ class _BandLimitedConvNd(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} channels, expected {self.in_channels}")
+        if tuple(x.shape[2:]) not in self._checked_sizes:
+            self._check_memory(x)  # once per input size, before any spectrum is formed
         plan = self.plan(x.shape[2:], x.device)
         if plan.energy is None:
             assert plan.block is not None

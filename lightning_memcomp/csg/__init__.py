@@ -7,13 +7,21 @@
 
 from typing import Any
 
-from lightning_memcomp.csg.convert import DEFAULT_CODE_SIZE, DEFAULT_SLICE_SHAPE, fold_slices, slice_generate
+from lightning_memcomp.csg.convert import (
+    DEFAULT_CODE_SIZE,
+    DEFAULT_SLICE_SHAPE,
+    DEFAULT_SLICE_SHAPES,
+    default_slice_shape,
+    fold_slices,
+    slice_generate,
+)
 from lightning_memcomp.csg.generator import GENERATOR_NAME, SliceGenerator
 from lightning_memcomp.csg.layers import SliceConv, SliceConv1d, SliceConv2d, SliceConv3d
 
 __all__ = [
     "DEFAULT_CODE_SIZE",
     "DEFAULT_SLICE_SHAPE",
+    "DEFAULT_SLICE_SHAPES",
     "GENERATOR_NAME",
     "ConvSliceGeneration",
     "SliceConv",
@@ -21,6 +29,7 @@ __all__ = [
     "SliceConv2d",
     "SliceConv3d",
     "SliceGenerator",
+    "default_slice_shape",
     "fold_slices",
     "slice_generate",
 ]

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_memcomp import _lightning as pl
 from lightning_memcomp._lightning import Callback, rank_zero_info
-from lightning_memcomp.checkpoint import CHECKPOINT_KEY, conversions_of, restore_conversions
+from lightning_memcomp.checkpoint import CHECKPOINT_KEY, check_resume, conversions_of
 from lightning_memcomp.csg.convert import _BINARY_FIT, slice_generate
 from lightning_memcomp.csg.generator import GeneratorSource, check_slice_options
 from lightning_memcomp.csg.layers import INITS, SliceConv
@@ -101,9 +101,9 @@ class ConvSliceGeneration(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # setup already converted with this callback's options; a checkpoint made with other options
-        # is replayed here (or fails with the disagreement) before its weights are loaded
-        restore_conversions(pl_module, checkpoint)
+        # Lightning calls this after the weights loaded (the model's record checked them); setup converted with
+        # this callback's options: a checkpoint converted otherwise fails here with both named
+        check_resume(pl_module, checkpoint)
 
 
 def _reject_sharded(trainer: pl.Trainer) -> None:

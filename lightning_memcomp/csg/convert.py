@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,11 +29,21 @@ from lightning_memcomp.surgery import (
     replace_modules,
 )
 
-__all__ = ["DEFAULT_CODE_SIZE", "DEFAULT_SLICE_SHAPE", "fold_slices", "slice_generate"]
+__all__ = [
+    "DEFAULT_CODE_SIZE",
+    "DEFAULT_SLICE_SHAPE",
+    "DEFAULT_SLICE_SHAPES",
+    "default_slice_shape",
+    "fold_slices",
+    "slice_generate",
+]
 
 #: The paper's slice shape and code size for CIFAR ResNet-56 (Table 1, "CSG-[16,16,3,3]-128").
 DEFAULT_SLICE_SHAPE = (16, 16, 3, 3)
 DEFAULT_CODE_SIZE = 128
+#: The default slice per convolution dimensionality: 16 x 16 channels by a kernel of 3 in every dim (the
+#: paper's 2-D slice, extended to 1-D and 3-D). ``slice_generate`` picks it from the model's convolutions.
+DEFAULT_SLICE_SHAPES: dict[int, tuple[int, ...]] = {1: (16, 16, 3), 2: DEFAULT_SLICE_SHAPE, 3: (16, 16, 3, 3, 3)}
 
 _TECHNIQUE = "slice_generate"
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -53,6 +64,18 @@ def _is_conv_like(module: nn.Module) -> bool:
 
 def _kernel(module: nn.Module) -> tuple[int, ...]:
     return tuple(module.kernel_size)
+
+
+def default_slice_shape(model: nn.Module, modules: ModuleSelection = None) -> tuple[int, ...]:
+    """The default slice for ``model``: :data:`DEFAULT_SLICE_SHAPES` of the dimensionality (1-D, 2-D or 3-D) of
+    most of its selected convolutions with a kernel larger than 1 (2-D when there are none)."""
+    chosen = module_filter(modules)
+    counts: Counter[int] = Counter()
+    for name, m in model.named_modules():
+        if isinstance(m, _CONV_TYPES) and chosen(m, name) and any(k > 1 for k in m.kernel_size):
+            counts[len(m.kernel_size)] += 1
+    dims = counts.most_common(1)[0][0] if counts else 2
+    return DEFAULT_SLICE_SHAPES[dims]
 
 
 def _resolve_generator(
@@ -123,8 +146,10 @@ def slice_generate(
     Args:
         model: the network; the generator is registered on it as ``model.memcomp_slice_generator``
             (once in ``parameters()`` and ``state_dict()``).
-        slice_shape: ``(out, in, *kernel)`` of a slice; default ``(16, 16, 3, 3)``, or the given
-            generator's. Convolutions whose kernel differs from ``slice_shape[2:]`` are skipped.
+        slice_shape: ``(out, in, *kernel)`` of a slice; default: the given or existing generator's, else
+            ``(16, 16, 3)``, ``(16, 16, 3, 3)`` (the paper's) or ``(16, 16, 3, 3, 3)`` for a network of mostly
+            1-D, 2-D or 3-D convolutions (:func:`default_slice_shape`). Convolutions whose kernel differs from
+            ``slice_shape[2:]`` are skipped.
         code_size: code length ``n_c``; default 128, or the given generator's.
         binary: BCSG: a fixed random ``sign(w) * scale`` generator, never trained.
         generator: take the generator from elsewhere (the paper's "pre-trained CSG"): a
@@ -161,6 +186,8 @@ def slice_generate(
         raise TypeError(f"binary={binary!r} must be True or False")
     if binary and init == "fit":
         raise ValueError(_BINARY_FIT)
+    if slice_shape is None and generator is None and model._modules.get(GENERATOR_NAME) is None:
+        slice_shape = default_slice_shape(model, modules)
     gen, new_generator = _resolve_generator(model, slice_shape, code_size, binary, generator, train_generator)
     if gen.binary and init == "fit":
         raise ValueError(_BINARY_FIT)
