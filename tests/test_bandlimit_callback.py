@@ -130,3 +130,34 @@ def test_resuming_with_different_options_warns(tmp_path, loader):
     trainer.save_checkpoint(path)
     with pytest.warns(UserWarning, match="checkpoint was band-limited"):
         _trainer(tmp_path, [BandLimiting(compress_rate=25)], max_steps=2).fit(TinyDigits(), loader, ckpt_path=path)
+
+
+def test_setup_estimates_on_example_input_array_and_warns_before_converting(tmp_path, loader):
+    from lightning_memcomp.bandlimit import BandLimitMemoryError
+
+    class WithExample(TinyDigits):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = torch.randn(2, 1, 16, 16)
+
+    callback = BandLimiting(compress_rate=50, fft_size="power2")
+    message = r"(?s)estimate: 2 convolution call\(s\) would hold .* MiB.*stem at input 2x1x16x16"
+    with pytest.warns(UserWarning, match=message):
+        _trainer(tmp_path, [callback], max_steps=1).fit(WithExample(), loader)
+    assert callback.report.extra["estimate"].holds_more
+    refused = WithExample()
+    with pytest.raises(BandLimitMemoryError, match="Nothing was converted"):
+        _trainer(tmp_path, [BandLimiting(fft_size="power2", on_larger="error")], max_steps=1).fit(refused, loader)
+    assert type(refused.stem) is nn.Conv2d
+
+
+def test_an_example_input_that_does_not_run_falls_back_to_checks_at_the_first_forward(tmp_path, loader):
+    class WrongExample(TinyDigits):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = torch.randn(2, 3, 16, 16)  # 3 channels: the stem takes 1
+
+    model = WrongExample()
+    with pytest.warns(UserWarning, match="could not estimate on example_input_array"):
+        _trainer(tmp_path, [BandLimiting()], max_steps=1).fit(model, loader)
+    assert isinstance(model.stem, BandLimitedConv2d) and model.stem._checked_sizes == {(16, 16)}

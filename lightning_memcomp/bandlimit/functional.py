@@ -57,7 +57,7 @@ __all__ = [
 #: are fastest there; at most a few percent larger). ``"linear"`` is the paper's length
 #: ``L = n + 2p + max(out, k) - 1`` and ``"power2"`` rounds ``L`` up to a power of two (the paper's default):
 #: both about double each dim, so ``2**d`` times the spectrum in ``d`` dims.
-FFT_SIZES = ("minimal", "fast", "linear", "power2")
+FFT_SIZES = ("power2", "linear", "minimal", "fast")
 DEFAULT_FFT_SIZE = "minimal"
 DEFAULT_COMPRESS_RATE = 50.0
 
