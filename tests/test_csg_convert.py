@@ -324,3 +324,17 @@ def test_defaults_convert_the_3d_convolutions_of_a_monai_unet_and_train():
     y.square().mean().backward()
     assert all(m.codes.grad is not None and m.codes.grad.abs().sum() > 0 for m in converted)
     assert net.memcomp_slice_generator.weight.grad.abs().sum() > 0
+
+
+def test_a_converted_sequential_warns_and_its_forward_fails_with_the_reason():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Conv2d(16, 16, 3))
+    with pytest.warns(UserWarning, match="registered on the converted Sequential.*convert a module that holds it"):
+        slice_generate(model, code_size=8)
+    with pytest.raises(ValueError, match=r"got an input of shape \(1, 16, 4, 4\).*stage of an nn.Sequential"):
+        model(torch.randn(1, 1, 8, 8))
+    holder = nn.Module()
+    holder.body = nn.Sequential(nn.Conv2d(1, 16, 3), nn.Conv2d(16, 16, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slice_generate(holder, code_size=8)
+    assert holder.body(torch.randn(1, 1, 8, 8)).shape == (1, 16, 4, 4)

@@ -154,8 +154,22 @@ def test_generator_is_referenced_not_registered_as_a_child() -> None:
     assert list(layer.children()) == []
 
 
+class _Holder(nn.Module):
+    """A model holding a Sequential (a converted nn.Sequential itself would run its generator as a stage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.body[index]
+
+
 def _converted_model() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3))
+    model = _Holder()
     slice_generate(model, slice_shape=(4, 4, 3, 3), code_size=6)
     return model
 

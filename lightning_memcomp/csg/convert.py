@@ -253,6 +253,14 @@ def slice_generate(
     converted_layers = {id(model.get_submodule(c.name)): model.get_submodule(c.name) for c in report.converted}
     if report.converted and new_generator:
         model.add_module(GENERATOR_NAME, gen)
+        if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            warnings.warn(
+                f"slice_generate: the generator is registered on the converted {type(model).__name__} as "
+                f"{GENERATOR_NAME}, so it becomes one of its stages and the {type(model).__name__}'s own forward "
+                "fails; convert a module that holds it instead (a LightningModule or an nn.Module with it as an "
+                "attribute)",
+                stacklevel=2,
+            )
     report.params_before = params_before
     report.params_after = count_parameters(model)
     report.extra.update(

@@ -124,9 +124,16 @@ class SliceGenerator(nn.Module):
         return self
 
     def forward(self, codes: Tensor) -> Tensor:
-        """Slices ``[..., prod(slice_shape)]`` (flat, row-major in ``slice_shape``) from codes ``[..., code_size]``."""
+        """Slices ``[n, prod(slice_shape)]`` (flat, row-major in ``slice_shape``) from codes ``[n, code_size]``."""
         # a binary (or frozen) generator is detached so that it cannot train even if a caller flips
         # requires_grad on it
+        if codes.dim() not in (1, 2) or codes.shape[-1] != self.code_size:
+            raise ValueError(
+                f"SliceGenerator(code_size={self.code_size}) got an input of shape {tuple(codes.shape)}, not codes "
+                f"[n, {self.code_size}]. Called as a stage of an nn.Sequential? slice_generate registers the "
+                f"generator on the model it converts (as {GENERATOR_NAME}), so a converted nn.Sequential runs it; "
+                "convert a module that holds the Sequential instead"
+            )
         weight = self.weight if self.trainable else self.weight.detach()
         return torch.nn.functional.linear(codes, weight)
 
