@@ -31,6 +31,7 @@ _LAZY = {
     "compress_activations": "lightning_memcomp.compression",
     "ActivationCompression": "lightning_memcomp.compression",
     "available_codecs": "lightning_memcomp.compression",
+    "PrecisionPolicy": "lightning_memcomp.compression",
     "band_limit": "lightning_memcomp.bandlimit",
     "BandLimiting": "lightning_memcomp.bandlimit",
     "slice_generate": "lightning_memcomp.csg",

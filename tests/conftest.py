@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
-
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one intra-op thread per xdist worker: the workers already fill the cores
@@ -106,3 +107,14 @@ def train_digits(digits) -> Callable[..., float]:
             return (model(xt).argmax(1) == yt).float().mean().item()
 
     return run
+
+
+def run_ddp_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run a DDP script in a fresh interpreter (``subprocess.run`` with its output captured as text), once more
+    if Lightning's free port was taken by another DDP test starting at the same moment (CI runs two test files
+    at once; Lightning picks the port, then binds it later): that race is the only failure tried again."""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False, **kwargs)
+        if "EADDRINUSE" not in done.stderr:
+            break
+    return done

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_ddp_script
 
 from lightning_memcomp._lightning import reject_sharded
 
@@ -90,13 +89,7 @@ def ranks(tmp_path_factory) -> dict[str, list[dict]]:
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for _ in range(2):
-        done = subprocess.run([sys.executable, str(script), str(tmp)], cwd=tmp, env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
-        # Lightning picks a free port and binds it later: another DDP test starting at the same moment (CI runs
-        # two test files at once) can take it first; that race is the only failure tried again
-        if "EADDRINUSE" not in done.stderr:
-            break
+    done = run_ddp_script([str(script), str(tmp)], cwd=tmp, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return {name: [torch.load(tmp / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
             for name in ("ddp", "identity", "quant4")}
@@ -139,8 +132,11 @@ def test_seed_policy_same_base_seed_rank_mixed_stream(ranks):
 
 @pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
 def test_sharded_strategies_are_refused_with_the_reason(package):
+    from lightning_memcomp import ActivationCompression
+
     strategies = importlib.import_module(f"{package}.strategies")
     with pytest.raises(RuntimeError, match=r"ActivationCompression does not support strategy=FSDPStrategy: the "
                                            r"weights it gathers .* use strategy='ddp_memcomp'"):
-        reject_sharded(SimpleNamespace(strategy=strategies.FSDPStrategy()), "ActivationCompression")
+        ActivationCompression().setup(SimpleNamespace(strategy=strategies.FSDPStrategy(), callbacks=[]),
+                                      torch.nn.Linear(4, 4), "fit")
     reject_sharded(SimpleNamespace(strategy=strategies.DDPStrategy()), "ActivationCompression")  # allowed

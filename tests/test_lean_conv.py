@@ -211,7 +211,9 @@ def test_create_graph_takes_the_whole_input_and_keeps_second_order_gradients():
         return [p.grad.clone() for p in model.parameters()]
 
     reference = second_order()
-    got = second_order(lambda: compress_activations(model, Lossless(), conv_chunk_bytes=SMALL, min_bytes=0))
+    # policy off: the Tanh's derivative codes give first-order gradients only (test_precision_policy)
+    got = second_order(lambda: compress_activations(model, Lossless(), conv_chunk_bytes=SMALL, min_bytes=0,
+                                                    policy="off"))
     for g, r in zip(got, reference):
         assert _rel(g, r) <= REL_TOL
 
@@ -326,7 +328,8 @@ def test_transform_codec_decodes_whole_once_per_convolution():
     codec = make_codec("dct")
     sizes = _record_decodes(codec)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-    with compress_activations(model, codec, conv_chunk_bytes=SMALL):
+    # the transform everywhere (no fallback to quant where it is inaccurate): this test is about the transform
+    with compress_activations(model, codec, conv_chunk_bytes=SMALL, policy={"transform_max_error": None}):
         loss = model(torch.randn(6, 3, 16, 16)).sum()
     loss.backward()
     assert sizes["rows"] == []

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import run_ddp_script
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -68,6 +67,7 @@ def test_scalars_are_written_on_the_cadence(fitted) -> None:
     trainer, _ = fitted
     acc = _events(trainer)
     expected = {"memory/held_raw_mib", "memory/held_stored_mib", "memory/held_ratio", "memory/rss_mib",
+                "memory/held_uncompressed_mib",
                 "memory/rss_forward_delta_mib", "memory/peak_mib"}
     assert expected <= set(acc.Tags()["scalars"])
     assert set(acc.Tags()["scalars"]) <= set(KEYS)
@@ -296,7 +296,8 @@ def test_ddp_two_processes_only_rank0_writes_the_max(tmp_path) -> None:
     script = tmp_path / "ddp_monitor.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=300)
+    done = run_ddp_script([str(script), str(tmp_path)], env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
     versions = list((tmp_path / "tb").iterdir())
     assert len(versions) == 1
     events = list(versions[0].glob("events.out.tfevents.*"))

@@ -64,8 +64,9 @@ def test_selection_matching_nothing_warns():
         compress_activations(nn.Sequential(nn.Conv2d(1, 2, 3)), bits=4, modules="decoder.*")
 
 
-def test_stochastic_rounding_defaults_on_up_to_four_bits():
-    assert [QuantCodec(bits=b).stochastic for b in (1, 2, 4, 8)] == [True, True, True, False]
+def test_stochastic_rounding_defaults_on_up_to_two_bits():
+    # nearest rounding at 4 and 8 bits: the closer gradient per step (benchmarks/results/zoo_coverage_cpu.md)
+    assert [QuantCodec(bits=b).stochastic for b in (1, 2, 4, 8)] == [True, True, False, False]
     assert QuantCodec(bits=2, stochastic=False).stochastic is False
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import run_ddp_script
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -185,8 +184,7 @@ def test_ddp_memcomp_two_cpu_processes_fit_checkpoint_resume(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = run_ddp_script([str(script), str(tmp_path)], cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "rank 0: steps 2 -> 4" in done.stdout
 

@@ -8,10 +8,11 @@ import torch
 from typing_extensions import override
 
 from lightning_memcomp import _lightning as pl
-from lightning_memcomp._lightning import Callback, rank_zero_info
-from lightning_memcomp.compression.api import compress_activations
+from lightning_memcomp._lightning import Callback, rank_zero_info, reject_sharded
+from lightning_memcomp.compression.api import compress_activations, resolve_policy
 from lightning_memcomp.compression.graph import CompiledSaveEngine, has_compiled_parts
 from lightning_memcomp.compression.registry import make_codec
+from lightning_memcomp.compression.smooth import PrecisionPolicy
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
 from lightning_memcomp.memory.lean_conv import check_chunk_bytes
 from lightning_memcomp.memory.ledger import Ledger, MiB
@@ -37,7 +38,7 @@ class ActivationCompression(Callback):
             ``"identity"``; see :func:`lightning_memcomp.compress_activations`.
         bits: bit width for ``quant``/``blpa`` (1, 2, 4 or 8).
         modules: which modules' saved tensors to compress (class names, qualified-name globs, or a
-            callable ``(module, name) -> bool``); default: conv, linear, norm, activation, pooling.
+            callable ``(module, name) -> bool``); default: every module, so everything the forward saves.
         min_bytes: tensors smaller than this are kept as they are.
         log_every_n_steps: how often to log ``memory/held_raw_mib`` and ``memory/held_stored_mib``
             when no :class:`~lightning_memcomp.MemoryMonitor` is present (which then logs them).
@@ -47,10 +48,14 @@ class ActivationCompression(Callback):
         conv_chunk_bytes: the compressed convolutions' backward decodes their saved input a slice of the batch
             at a time, of about this many bytes (``None``: 4 MiB on CPU, 64 MiB on CUDA; ``0``: off); see
             :func:`lightning_memcomp.compress_activations`.
+        policy: what some saved tensors get instead of the bulk codec (default: smooth activations keep their
+            derivative in 8 bits); ``"off"`` switches it off; see :func:`lightning_memcomp.compress_activations`.
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).
 
     Raises:
         ValueError: unknown codec, or an option the codec does not allow (checked at construction).
+        RuntimeError: at setup, a strategy that shards parameters (FSDP, DeepSpeed, ModelParallel): the weights
+            it gathers for each forward would be encoded like activations.
         ValueError: at train start, a codec that cannot run inside compiled graphs (``wavelet``, ``dct``,
             ``threshold``) on a model that runs compiled.
 
@@ -73,6 +78,7 @@ class ActivationCompression(Callback):
         log_every_n_steps: int = 50,
         seed: int | None = None,
         conv_chunk_bytes: int | None = None,
+        policy: str | PrecisionPolicy | dict[str, Any] | None = "default",
         **options: Any,
     ) -> None:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -81,12 +87,13 @@ class ActivationCompression(Callback):
             raise ValueError(f"log_every_n_steps={log_every_n_steps!r} must be a positive integer")
         if bits is not None:
             options["bits"] = bits
-        make_codec(codec, **options)  # fail early on bad names/options
+        resolve_policy(policy, make_codec(codec, **options))  # fail early on bad names/options
         self.conv_chunk_bytes = check_chunk_bytes(conv_chunk_bytes)
         self.codec = codec
         self.modules = modules
         self.min_bytes = min_bytes
         self.options = options
+        self.policy = policy
         self.log_every_n_steps = log_every_n_steps
         self.seed = seed
         self._rng_seed: int | None = seed  # the base seed in use (restored from checkpoints)
@@ -104,14 +111,16 @@ class ActivationCompression(Callback):
         if engine is None or engine.model is not pl_module or getattr(engine, "compiled", False) != compiled:
             self._engine = compress_activations(
                 pl_module, self.codec, modules=self.modules, min_bytes=self.min_bytes,
-                conv_chunk_bytes=None if compiled else self.conv_chunk_bytes, **self.options
+                conv_chunk_bytes=None if compiled else self.conv_chunk_bytes, policy=self.policy, **self.options
             )
             where = " inside the compiled graphs" if compiled else ""
-            rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options}{where}")
+            policy = getattr(self._engine, "policy", None)
+            rank_zero_info(f"ActivationCompression: codec={self.codec} options={self.options} policy={policy}{where}")
         self._engine.seed = self._rng_seed
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        reject_sharded(trainer, "ActivationCompression")  # gathered weights would be encoded as activations
         if self._rng_seed is None:
             self._rng_seed = torch.initial_seed()
         self._ensure_engine(pl_module)

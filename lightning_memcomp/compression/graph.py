@@ -323,7 +323,7 @@ def _graph_pack(x: Tensor, key: int) -> tuple[Tensor, ...]:
     if not tracing and _is_leaf_parameter(x):
         return (x, like, ())  # eager code between compiled regions: parameters are never encoded nor counted
     if state.select is not None and not any(state.select(name) for name in path):
-        reason = "excluded by selection"
+        reason = "not selected"
     elif raw < state.min_bytes:
         reason = "small"
     elif x.dtype == torch.bool:
@@ -335,16 +335,16 @@ def _graph_pack(x: Tensor, key: int) -> tuple[Tensor, ...]:
     elif not x.is_floating_point():
         reason = "not floating"
     elif x.dim() < 2:
-        reason = "0-/1-D"
+        reason = "declined by codec"  # 0-/1-D: statistics, biases, scalars
     elif not tracing and not bool(torch.isfinite(x).all()):
-        reason = "codec declined (NaN/Inf)"
+        reason = "declined by codec"  # NaN/Inf
     if reason is None and x.dtype != torch.bool:
         order = _memory_order(x)
         xp = x.permute(order) if order else x  # encode in memory order (channels_last stays channels_last)
         inverse = tuple(sorted(range(len(order)), key=order.__getitem__)) if order else ()
         payload = _encode(state.codec, xp) + (xp.new_empty((0, *xp.shape)), inverse)
         if len(payload) == 3 and payload[0].dtype == x.dtype:
-            reason = "codec declined"
+            reason = "declined by codec"
     if reason is not None:
         payload = (x, like, ())
     stored = raw if reason is not None else sum(_nbytes(p) for p in payload if isinstance(p, Tensor))
@@ -550,7 +550,7 @@ class CompiledSaveEngine:
         self.ledger.reset()
         for e in (*self.plan(), *self._state.eager):
             self.ledger.record(e.module, "passthrough" if e.reason else self.codec.name, e.raw, e.stored,
-                               e.reason is not None)
+                               e.reason is not None, e.reason)
 
     def left_as_is(self) -> dict[str, int]:
         """Bytes of the compiled plan left as they are, by reason (small, not floating, ...)."""

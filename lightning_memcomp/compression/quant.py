@@ -343,7 +343,9 @@ class QuantCodec(Codec):
             of metadata per group).
         group_size: elements per group sharing one ``lo``/``step`` (a multiple of 32, 32 to 65536).
             Larger groups: less metadata, coarser steps.
-        stochastic: stochastic (unbiased) rounding; default ``True`` for ``bits <= 4``, ``False`` at 8.
+        stochastic: stochastic (unbiased) rounding; default ``True`` for ``bits <= 2``, nearest rounding at 4 and
+            8 bits (at 4 bits, nearest rounding gives the closer gradient: parameter-gradient cosine 0.993 against
+            0.985 on EfficientNet-B0, 0.996 against 0.992 on MobileNetV3, ``benchmarks/zoo_coverage.py``).
         seed: seed of the codec's own random stream (the global RNG is never consumed); default:
             derived from ``torch.initial_seed()``, so ``torch.manual_seed`` makes runs repeatable.
         exact_routing: keep max-pool indices, dropout masks and activation masks exact (default);
@@ -382,7 +384,7 @@ class QuantCodec(Codec):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed={seed!r} is not allowed; use an int or None")
         self.group_size = group_size
-        self.stochastic = self.bits <= 4 if stochastic is None else stochastic
+        self.stochastic = self.bits <= 2 if stochastic is None else stochastic
         self._stochastic_option = stochastic
         self.seed = seed
         self.exact_routing = bool(exact_routing)

@@ -32,9 +32,10 @@ subclass :class:`Codec`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,6 +334,10 @@ class SavedTensorEngine:
             64 MiB on CUDA); see :mod:`lightning_memcomp.memory.lean_conv`.
         seed: base seed of the codecs' random streams (stochastic rounding); default
             ``torch.initial_seed()`` at each start.
+        policy: what some saves get instead of their module's codec (e.g.
+            :class:`~lightning_memcomp.compression.smooth.PrecisionPolicy`: smooth activations keep their
+            derivative): an object whose ``function_mode(engine)`` returns a ``TorchFunctionMode`` that is active
+            during the forward and marks calls with :meth:`expecting`, or ``None``.
 
     Use as ``with engine as ledger: loss = model(x)``; ``start()``/``stop()`` do the same for
     callbacks that open and close the scope in different hooks. Each start reseeds the codecs' random
@@ -353,6 +358,7 @@ class SavedTensorEngine:
         ledger: Ledger | None = None,
         seed: int | None = None,
         conv_chunk_bytes: int | None = 0,
+        policy: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -368,11 +374,16 @@ class SavedTensorEngine:
         self._repeat: tuple[int, int, tuple[int, ...], tuple[int, ...]] | None = None
         self.ledger = ledger if ledger is not None else Ledger()
         self.seed = seed
+        self.policy = policy
+        self._expect: tuple[Codec, tuple[int, ...], torch.dtype] | None = None
+        self._mode: Any = None
         self._identity = IdentityCodec()
         self._codecs: dict[str, Codec | None] = {}
         for name, module in model.named_modules():
             codec = codec_for(name, module) if codec_for is not None else self._identity
             self._codecs[name] = codec
+        # some modules have no codec: what they save is left as it is, "not selected"
+        self._selective = any(codec is None for codec in self._codecs.values())
         self._stack: list[tuple[str, nn.Module, Codec | None]] = []
         self._outer: SavedTensorEngine | None = None
         # storage pointer -> dense regions packed from it (weak references: autograd owns the packs)
@@ -458,6 +469,10 @@ class SavedTensorEngine:
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
             _ACTIVE_ENGINES.append(self)
+            mode = self.policy.function_mode(self) if self.policy is not None else None
+            if mode is not None:
+                mode.__enter__()
+                self._mode = mode
         except BaseException:
             self._remove_module_hooks()
             raise
@@ -465,6 +480,9 @@ class SavedTensorEngine:
 
     def stop(self) -> Ledger:
         try:
+            if self._mode is not None:
+                mode, self._mode = self._mode, None
+                mode.__exit__(None, None, None)
             if self._hooks is not None:
                 self._hooks.__exit__(None, None, None)
         finally:
@@ -491,6 +509,17 @@ class SavedTensorEngine:
             undo()
         self._undo_conv.clear()
         self._repeat = None
+
+    @contextlib.contextmanager
+    def expecting(self, codec: Codec, shape: tuple[int, ...], dtype: torch.dtype) -> Iterator[None]:
+        """Inside: a floating save of this shape and dtype (the one tensor a marked call saves, e.g. a SiLU's
+        input) is coded by ``codec`` when the running module has a codec, and never shared with other saves of
+        the same storage (the payload means something only to that call's backward)."""
+        previous, self._expect = self._expect, (codec, shape, dtype)
+        try:
+            yield
+        finally:
+            self._expect = previous
 
     def _mark_computed(self, tensor: Tensor) -> None:
         if isinstance(tensor, Tensor) and tensor.numel() > 0 and tensor.device.type != "meta":
@@ -559,6 +588,10 @@ class SavedTensorEngine:
         if self._is_exact_weight(tensor, ptr):
             self.ledger.parameter_saves += 1
             return tensor
+        if self._expect is not None:
+            packed = self._pack_expected(tensor)
+            if packed is not None:
+                return packed
         # one pack per storage region: a later save of a view inside a packed dense region (the next conv
         # saving a ReLU output, a transpose) is rebuilt from that pack, whatever codec the later module has
         found = self._find_region(ptr, tensor)
@@ -577,8 +610,10 @@ class SavedTensorEngine:
         ctx, codec = self._scope()
         if codec is None and self._outer is not None and self._outer.active:
             return self._outer._pack(tensor)  # not one of this engine's modules: the outer engine's codec
+        reason = None
         if codec is None:
             codec = self._identity
+            reason = "not selected" if self._selective else None
         # an expanded view is packed at the size of what it expands (stride-0 dimensions taken once)
         base = tensor
         if 0 in tensor.stride() and not _is_dense(tensor):
@@ -586,7 +621,11 @@ class SavedTensorEngine:
                 if stride == 0 and size > 1:
                     base = base.narrow(dim, 0, 1)
         raw = base.numel() * base.element_size()
-        passthrough = raw < self.min_bytes or not codec.accepts(base, ctx)
+        if reason is None and raw < self.min_bytes:
+            reason = "small"
+        elif reason is None and not codec.accepts(base, ctx):
+            reason = "not floating" if not base.is_floating_point() else "declined by codec"
+        passthrough = reason is not None
         if passthrough:
             codec = self._identity
         payload = codec.encode(base, ctx)
@@ -594,17 +633,37 @@ class SavedTensorEngine:
         if not passthrough and ((codec.compresses and payload is base) or stored > raw):
             # kept as it is: the codec declined (non-finite values) or the payload would not be smaller
             passthrough, codec, payload, stored = True, self._identity, base, raw
+            reason = "declined by codec"
         packed = _Packed(codec, payload, base, ctx.module_name)
         if base is not tensor:
             packed.expand_to = tuple(tensor.shape)
-        self.ledger.record(ctx.module_name, "passthrough" if passthrough else codec.name, raw, stored,
-                           passthrough)
+        name = "passthrough" if passthrough else getattr(codec, "payload_name", lambda _: codec.name)(payload)
+        self.ledger.record(ctx.module_name, name, raw, stored, passthrough, reason)
         if _is_dense(base):
             regions = self._regions.setdefault(ptr, [])
             if len(regions) > 64:
                 regions[:] = [r for r in regions if r.packed() is not None]
             regions.append(_Region(base.storage_offset(), base.numel(), tuple(base.shape), tuple(base.stride()),
                                    weakref.ref(packed, self._forget(ptr)), StorageWeakRef(storage)))
+        return packed
+
+    def _pack_expected(self, tensor: Tensor) -> _Packed | None:
+        """The save a marked call expects (:meth:`expecting`), coded by its codec; ``None``: the usual path."""
+        codec, shape, dtype = self._expect  # type: ignore[misc]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype or not _is_dense(tensor):
+            return None
+        ctx, module_codec = self._scope()
+        raw = tensor.numel() * tensor.element_size()
+        if module_codec is None or not module_codec.compresses or raw < self.min_bytes:
+            return None  # not selected, the identity (accounting only), or small: as any other save
+        if not codec.accepts(tensor, ctx):
+            return None
+        payload = codec.encode(tensor, ctx)
+        if payload is tensor:
+            return None  # declined (non-finite values): the usual path keeps it
+        self._expect = None  # one save per marked call
+        packed = _Packed(codec, payload, tensor, ctx.module_name)
+        self.ledger.record(ctx.module_name, codec.name, raw, codec.stored_nbytes(payload), False)
         return packed
 
     def _pack_for_conv(self, tensor: Tensor, weight: Tensor) -> _Packed | _ViewPacked | None:

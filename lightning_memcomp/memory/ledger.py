@@ -44,8 +44,15 @@ class Ledger:
     parameter_saves: int = 0
     _modules: dict[str, ModuleMemory] = field(default_factory=dict, repr=False)
     _codecs: dict[str, ModuleMemory] = field(default_factory=dict, repr=False)
+    _reasons: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def record(self, module_name: str, codec_name: str, raw: int, stored: int, passthrough: bool) -> None:
+    def record(self, module_name: str, codec_name: str, raw: int, stored: int, passthrough: bool,
+               reason: str | None = None) -> None:
+        """Count one saved tensor; a passthrough one is counted under ``reason`` (``"small"``, ``"not floating"``,
+        ``"not selected"``, ``"declined by codec"``; ``None``: ``"other"``)."""
+        if passthrough:
+            key = reason or "other"
+            self._reasons[key] = self._reasons.get(key, 0) + raw
         self.raw_bytes += raw
         self.stored_bytes += stored
         self.count += 1
@@ -65,6 +72,13 @@ class Ledger:
         """Qualified module name (``""`` for the root) to its bytes and tensor count."""
         return dict(self._modules)
 
+    def left_as_is(self) -> dict[str, int]:
+        """Bytes kept as they were (passthrough), by reason: ``"small"`` (under the engine's ``min_bytes``),
+        ``"not floating"`` (integer or bool tensors the codec does not take), ``"declined by codec"`` (0-/1-D
+        statistics, non-finite values, a payload that would not be smaller, ...), ``"not selected"`` (saved by a
+        module outside the ``modules=`` selection). They sum to ``passthrough_bytes``."""
+        return dict(self._reasons)
+
     def by_codec(self) -> dict[str, ModuleMemory]:
         """Codec name (``"passthrough"`` for untouched tensors) to its bytes and tensor count."""
         return dict(self._codecs)
@@ -80,6 +94,7 @@ class Ledger:
         self.shared_saves = self.parameter_saves = 0
         self._modules.clear()
         self._codecs.clear()
+        self._reasons.clear()
 
     def merge(self, other: Ledger) -> None:
         """Add another ledger's figures to this one (e.g. several forward passes of one step)."""
@@ -90,6 +105,8 @@ class Ledger:
         self.passthrough_count += other.passthrough_count
         self.shared_saves += other.shared_saves
         self.parameter_saves += other.parameter_saves
+        for key, value in other._reasons.items():
+            self._reasons[key] = self._reasons.get(key, 0) + value
         for mine, theirs in ((self._modules, other._modules), (self._codecs, other._codecs)):
             for key, value in theirs.items():
                 entry = mine.setdefault(key, ModuleMemory())
@@ -117,6 +134,10 @@ class Ledger:
             f"| **total** | {self.count} | {self.raw_bytes / MiB:.2f} | {self.stored_bytes / MiB:.2f} "
             f"| {self.ratio:.2f} |"
         )
+        if self.passthrough_bytes:
+            reasons = ", ".join(f"{k} {v / MiB:.2f}" for k, v in sorted(self._reasons.items(), key=lambda kv: -kv[1]))
+            lines.append(f"\nLeft as it is: {self.passthrough_bytes / MiB:.2f} MiB "
+                         f"({self.passthrough_bytes / max(self.raw_bytes, 1):.1%} of raw): {reasons} MiB")
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -27,6 +27,8 @@ KEYS: dict[str, str] = {
     "memory/held_raw_mib": "bytes the forward pass saved for backward, at their dense size (ledger)",
     "memory/held_stored_mib": "bytes actually kept for backward after encoding (ledger)",
     "memory/held_ratio": "held_raw / held_stored (1.0 without compression)",
+    "memory/held_uncompressed_mib": "bytes saved for backward that were left as they are (small, not floating, "
+    "not selected, declined by the codec): the ledger's passthrough bytes; by reason in ledger.left_as_is()",
     "memory/rss_mib": "process resident set size at the end of the step (CPU runs)",
     "memory/rss_forward_delta_mib": "RSS growth across the forward pass (CPU runs); can be negative, when the "
     "allocator hands freed memory back to the operating system during the forward",
@@ -316,7 +318,7 @@ class MemoryMonitor(Callback):
             self._layout_written = True
 
     def _device_keys(self) -> set[str]:
-        keys = {"memory/held_raw_mib", "memory/held_stored_mib", "memory/held_ratio"}
+        keys = {"memory/held_raw_mib", "memory/held_stored_mib", "memory/held_ratio", "memory/held_uncompressed_mib"}
         if self._cuda:
             keys |= {k for k in KEYS if not k.startswith("memory/rss") and not k.startswith("memory/held")}
         else:
@@ -375,6 +377,7 @@ class MemoryMonitor(Callback):
             values["memory/held_raw_mib"] = ledger.raw_bytes / MiB
             values["memory/held_stored_mib"] = ledger.stored_bytes / MiB
             values["memory/held_ratio"] = ledger.ratio
+            values["memory/held_uncompressed_mib"] = ledger.passthrough_bytes / MiB
             if not self._table_written and self.module_table_rows and trainer.is_global_zero:
                 self._write_table(trainer, ledger)
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from lightning_memcomp._lightning import PACKAGES
-from lightning_memcomp.compression.api import compress_activations
+from lightning_memcomp.compression.api import compress_activations, resolve_policy
 from lightning_memcomp.compression.graph import CompiledSaveEngine
 from lightning_memcomp.compression.registry import make_codec
 from lightning_memcomp.memory.engine import DEFAULT_MIN_BYTES, SavedTensorEngine, mix_seed
@@ -87,13 +87,15 @@ class _CompressedTrainingStep:
         modules: ModuleSelection,
         min_bytes: int,
         codec_options: dict[str, Any] | None,
+        policy: Any = "default",
     ) -> None:
         options = dict(codec_options or {})
         if bits is not None:
             if "bits" in options and options["bits"] != bits:
                 raise ValueError(f"bits={bits!r} and codec_options['bits']={options['bits']!r} disagree; give one")
             options["bits"] = bits
-        make_codec(codec, **options)  # fail at construction on a bad name or option
+        resolve_policy(policy, make_codec(codec, **options))  # fail at construction on a bad name or option
+        self.memcomp_policy = policy
         self.memcomp_codec = codec
         self.memcomp_modules = modules
         self.memcomp_min_bytes = min_bytes
@@ -121,7 +123,8 @@ class _CompressedTrainingStep:
         if engine is None or engine.model is not module:
             # a compiled module (also one compiled in configure_model) gets the graph-hook engine
             engine = compress_activations(module, self.memcomp_codec, modules=self.memcomp_modules,
-                                          min_bytes=self.memcomp_min_bytes, **self.memcomp_options)
+                                          min_bytes=self.memcomp_min_bytes, policy=self.memcomp_policy,
+                                          **self.memcomp_options)
             self._memcomp_engine = engine
         return engine
 
@@ -152,6 +155,8 @@ class _MemCompSingleDevice(_CompressedTrainingStep):
         min_bytes: smaller saved tensors are kept as they are.
         codec_options: the codec's own options, e.g. ``{"group_size": 512}``.
         device: the device to train on; default: the accelerator's current device (``cuda`` for GPUs).
+        policy: the precision policy (:func:`lightning_memcomp.compress_activations`): ``"default"``, ``"off"``,
+            or a dict of :class:`~lightning_memcomp.PrecisionPolicy` fields.
 
     Raises:
         ValueError: unknown codec or a bad codec option (at construction).
@@ -170,11 +175,12 @@ class _MemCompSingleDevice(_CompressedTrainingStep):
         min_bytes: int = DEFAULT_MIN_BYTES,
         codec_options: dict[str, Any] | None = None,
         device: str | torch.device | int | None = None,
+        policy: str | dict[str, Any] | None = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
-        self._init_memcomp(codec, bits, modules, min_bytes, codec_options)
+        self._init_memcomp(codec, bits, modules, min_bytes, codec_options, policy)
 
     @property
     def root_device(self) -> torch.device:
@@ -199,7 +205,7 @@ class _DDPMemComp(_CompressedTrainingStep):
     """DDP training with compressed activations (registered as ``"ddp_memcomp"``, popen launcher).
 
     Args:
-        codec, bits, modules, min_bytes, codec_options: as for :class:`MemCompSingleDeviceStrategy`.
+        codec, bits, modules, min_bytes, codec_options, policy: as for :class:`MemCompSingleDeviceStrategy`.
         **kwargs: the package's ``DDPStrategy`` arguments (``find_unused_parameters``,
             ``start_method``, ...) and keyword arguments for ``DistributedDataParallel``.
     """
@@ -213,10 +219,11 @@ class _DDPMemComp(_CompressedTrainingStep):
         modules: ModuleSelection = None,
         min_bytes: int = DEFAULT_MIN_BYTES,
         codec_options: dict[str, Any] | None = None,
+        policy: str | dict[str, Any] | None = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._init_memcomp(codec, bits, modules, min_bytes, codec_options)
+        self._init_memcomp(codec, bits, modules, min_bytes, codec_options, policy)
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
