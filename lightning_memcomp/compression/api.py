@@ -35,6 +35,10 @@ def resolve_policy(policy: Any, codec: Codec) -> PrecisionPolicy | None:
     elif isinstance(policy, PrecisionPolicy):
         resolved = policy
     elif isinstance(policy, dict):
+        unknown = sorted(set(policy) - set(PrecisionPolicy.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"policy={policy!r}: unknown field(s) {unknown}; allowed: "
+                             f"{', '.join(PrecisionPolicy.__dataclass_fields__)}")
         resolved = PrecisionPolicy(**policy)
     else:
         raise ValueError(
@@ -73,7 +77,7 @@ def compress_activations(
             ``0``: PyTorch's convolution backward on the whole decoded input.
         policy: what some saved tensors get instead of the bulk codec: ``"default"``
             (:class:`~lightning_memcomp.PrecisionPolicy`: smooth activations such as SiLU, GELU, Hardswish, Sigmoid
-            keep their derivative in 4 bits, which keeps gradients right on EfficientNet/MobileNet/ConvNeXt),
+            keep their derivative in 8 bits, which keeps gradients right on EfficientNet/MobileNet/ConvNeXt),
             ``"off"``/``None`` (the bulk codec everywhere), a policy, or a dict of its fields. Not applied to the
             identity codec, nor inside ``torch.compile``'d graphs (a policy given explicitly warns there).
         **options: the codec's own options (``group_size``, ``compression_ratio``, ``wavelet``, ...).

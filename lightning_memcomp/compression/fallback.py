@@ -31,16 +31,21 @@ class _Stored:
     payload: Any
 
 
-def relative_error(payload: TopKPayload, tensor: Tensor) -> float:
-    """``|x - decode(payload)| / |x|`` of an orthonormal top-k payload, from energies (before the exact masks,
-    which only make it smaller)."""
+def relative_error(codec: Codec, payload: TopKPayload, tensor: Tensor) -> float:
+    """``|x - decode(payload)| / |x|`` of a top-k payload of ``codec``. From energies when the coefficients cover the
+    tensor's own shape (an orthonormal transform: the error is the energy left out; before the exact masks, which
+    only make it smaller); by decoding when the transform padded the map (a wavelet on 28x28 at 3 levels pads to
+    32x32, and its periodized extension does not preserve energy)."""
+    x = tensor.detach().float()
+    total = float(x.square().sum())
+    if total == 0.0:
+        return 0.0
+    if tuple(payload.coeff_shape) != tuple(payload.shape):
+        return math.sqrt(float((codec.decode(payload).float() - x).square().sum()) / total)
     values = payload.coeffs.values.float()
     if payload.value_scale is not None:
         values = values / payload.value_scale
     kept = float(values.square().sum())
-    total = float(tensor.detach().float().square().sum())
-    if total == 0.0:
-        return 0.0
     return math.sqrt(max(0.0, 1.0 - kept / total))
 
 
@@ -65,7 +70,8 @@ class TransformOrQuant(Codec):
             payload = self.transform.encode(tensor, ctx)
             if payload is tensor:
                 return tensor  # declined (NaN/Inf, lambda 1): kept as it is
-            if not isinstance(payload, TopKPayload) or relative_error(payload, tensor) <= self.max_error:
+            if (not isinstance(payload, TopKPayload)
+                    or relative_error(self.transform, payload, tensor) <= self.max_error):
                 return _Stored(self.transform, payload)
         if not self.fallback.accepts(tensor, ctx):
             return tensor

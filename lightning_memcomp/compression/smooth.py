@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_memcomp.compression.bitpack import check_bits, pack_bits, unpack_bits
+from lightning_memcomp.compression.bitpack import check_bits, from_memory_order, memory_order, pack_bits, unpack_bits
 from lightning_memcomp.memory.engine import Codec, SaveContext
 
 __all__ = ["DerivativeCodec", "DerivativeTable", "PrecisionPolicy", "derivative_table", "smooth_call"]
@@ -111,6 +111,9 @@ def _activation(name: str, params: tuple[Any, ...]) -> _Activation:
     if name == "elu":
         (alpha,) = params
         return _Activation(_identity, lambda x: torch.where(x > 0, torch.ones_like(x), alpha * torch.exp(x)))
+    if name == "elu_result":  # in place, ELU saves its output: the derivative is 1 above 0, y + alpha below
+        (alpha,) = params
+        return _Activation(lambda x: F.elu(x, alpha), lambda y: torch.where(y > 0, torch.ones_like(y), y + alpha))
     if name == "leaky_relu":
         (slope,) = params
         return _Activation(_identity, lambda x: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)))
@@ -240,7 +243,8 @@ def _calls() -> dict[Callable, Callable[[tuple, dict], tuple[str, tuple[Any, ...
     calls[F.gelu] = lambda args, kwargs: ("gelu", (_arg(args, kwargs, 1, "approximate", "none"),))
     calls[F.softplus] = lambda args, kwargs: (
         "softplus", (float(_arg(args, kwargs, 1, "beta", 1.0)), float(_arg(args, kwargs, 2, "threshold", 20.0))))
-    calls[F.elu] = lambda args, kwargs: ("elu", (float(_arg(args, kwargs, 1, "alpha", 1.0)),))
+    calls[F.elu] = lambda args, kwargs: ("elu_result" if _arg(args, kwargs, 2, "inplace", False) else "elu",
+                                         (float(_arg(args, kwargs, 1, "alpha", 1.0)),))
     calls[F.leaky_relu] = lambda args, kwargs: ("leaky_relu", (float(_arg(args, kwargs, 1, "negative_slope", 0.01)),))
     return calls
 
@@ -263,9 +267,10 @@ def _in_backward() -> bool:
 # -- the codec --------------------------------------------------------------------------------------------
 @dataclass
 class DerivativePayload:
-    codes: Tensor  # uint8, packed
+    codes: Tensor  # uint8, packed, in the tensor's memory order
     numel: int
     shape: tuple[int, ...]
+    order: tuple[int, ...] | None  # memory_order's permutation (channels_last comes back channels_last)
     dtype: torch.dtype
     table: DerivativeTable
 
@@ -279,26 +284,37 @@ class DerivativeCodec(Codec):
     def __init__(self, table: DerivativeTable, bits: int) -> None:
         self.table = table
         self.bits = check_bits(bits, "derivative_bits")
+        self._on: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(thresholds in float32, representatives in ``dtype``) on ``device``, copied there once."""
+        key = (device, dtype)
+        tables = self._on.get(key)
+        if tables is None:
+            tables = self._on[key] = (self.table.thresholds.to(device=device, dtype=torch.float32),
+                                      self.table.representatives.to(device=device, dtype=dtype))
+        return tables
 
     def accepts(self, tensor: Tensor, ctx: SaveContext) -> bool:
-        return tensor.is_floating_point() and tensor.dim() >= 1 and tensor.is_contiguous()
+        return tensor.is_floating_point() and tensor.dim() >= 1
 
     def encode(self, tensor: Tensor, ctx: SaveContext) -> Any:
-        flat = tensor.reshape(-1)
+        flat, order = memory_order(tensor)
         per = 8 // self.bits
         out = torch.empty(-(-flat.numel() // per), dtype=torch.uint8, device=tensor.device)
-        thresholds = self.table.thresholds.to(device=tensor.device, dtype=torch.float32)
+        thresholds, _ = self._tables(tensor.device, tensor.dtype)
+        finite = torch.ones((), dtype=torch.bool, device=tensor.device)
         for start in range(0, flat.numel(), _CHUNK):
-            piece = flat[start:start + _CHUNK].float()
-            grads = self.table.grad_of(piece)
-            if not bool(torch.isfinite(grads).all()):
-                return tensor  # declined: kept as it is (the engine counts it)
+            grads = self.table.grad_of(flat[start:start + _CHUNK].float())
+            finite &= torch.isfinite(grads).all()
             codes = torch.bucketize(grads, thresholds).to(torch.uint8)
             if codes.numel() % per:
                 codes = torch.cat([codes, codes.new_zeros(per - codes.numel() % per)])
             packed = pack_bits(codes, self.bits)
             out[start // per:start // per + packed.numel()] = packed
-        return DerivativePayload(out, flat.numel(), tuple(tensor.shape), tensor.dtype, self.table)
+        if not bool(finite):  # one synchronisation per tensor
+            return tensor  # declined: kept as it is (the engine counts it)
+        return DerivativePayload(out, flat.numel(), tuple(tensor.shape), order, tensor.dtype, self.table)
 
     def stored_nbytes(self, payload: Any) -> int:
         return payload.codes.numel()  # the level table is shared by every payload of this activation
@@ -315,14 +331,14 @@ class DerivativeCodec(Codec):
                 "backward or gradient penalty): pass policy='off' (or policy={'smooth': False}) to compress_activations"
                 " / ActivationCompression"
             )
-        reps = payload.table.representatives.to(device=payload.codes.device, dtype=payload.dtype)
+        _, reps = self._tables(payload.codes.device, payload.dtype)
         out = torch.empty(payload.numel, dtype=payload.dtype, device=payload.codes.device)
         per = 8 // self.bits
         for start in range(0, payload.numel, _CHUNK):
             stop = min(start + _CHUNK, payload.numel)
             codes = unpack_bits(payload.codes[start // per:-(-stop // per)], self.bits)[:stop - start]
             out[start:stop] = reps.index_select(0, codes.int())
-        return out.view(payload.shape)
+        return from_memory_order(out, payload.shape, payload.order)
 
     def __repr__(self) -> str:
         return f"DerivativeCodec({self.table.name}, bits={self.bits})"
@@ -382,7 +398,10 @@ def _codec(name: str, params: tuple[Any, ...], bits: int) -> DerivativeCodec:
     key = (name, params, bits)
     codec = _CODECS.get(key)
     if codec is None:
-        codec = _CODECS[key] = DerivativeCodec(derivative_table(name, params, bits), bits)
+        table = derivative_table(name, params, bits)
+        # a derivative with few values (LeakyReLU, Hardsigmoid: two) is exact in fewer bits
+        narrow = next(b for b in (1, 2, 4, 8) if len(table.levels) <= 1 << b or b == bits)
+        codec = _CODECS[key] = DerivativeCodec(table, min(bits, narrow))
     return codec
 
 
@@ -396,7 +415,7 @@ class _SmoothActivations(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _CALLS and torch.is_grad_enabled():
+        if func in _CALLS and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             x = args[0] if args else kwargs.get("input")
             if isinstance(x, Tensor) and x.requires_grad and x.is_floating_point():
                 codec = self.policy.codec_for_call(func, args, kwargs)

@@ -456,6 +456,7 @@ class SavedTensorEngine:
             if not _uninitialized(t) and t.numel() > 0  # a lazy module's parameters exist after its first call
         }
         names = {module: name for name, module in self.model.named_modules(remove_duplicate=False)}
+        mode = self.policy.function_mode(self) if self.policy is not None else None  # before anything is entered
         try:
             for module, name in names.items():
                 self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
@@ -469,12 +470,11 @@ class SavedTensorEngine:
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
             _ACTIVE_ENGINES.append(self)
-            mode = self.policy.function_mode(self) if self.policy is not None else None
             if mode is not None:
                 mode.__enter__()
                 self._mode = mode
         except BaseException:
-            self._remove_module_hooks()
+            self.stop()  # leaves nothing entered or registered
             raise
         return self.ledger
 
