@@ -215,7 +215,8 @@ def test_ledger_table_lists_the_biggest_modules_first() -> None:
     assert lines[2].startswith("| 1 |") and lines[3].startswith("| 0 |")
     total = next(i for i, line in enumerate(lines) if "**total**" in line)
     # the input, which does not require grad, is what the identity codec leaves as it is
-    assert lines[total + 1:] == ["", "Left as it is: 0.01 MiB (33.3% of raw): declined by codec 0.01 MiB"]
+    assert lines[total + 1:] == ["", "By codec: identity 0.02 -> 0.02 MiB",
+                                 "Left as it is: 0.01 MiB (33.3% of raw): declined by codec 0.01 MiB"]
 
 
 RSS_SCRIPT = textwrap.dedent(

@@ -134,9 +134,14 @@ class Ledger:
             f"| **total** | {self.count} | {self.raw_bytes / MiB:.2f} | {self.stored_bytes / MiB:.2f} "
             f"| {self.ratio:.2f} |"
         )
+        stored_by = [(k, m) for k, m in sorted(self._codecs.items(), key=lambda kv: -kv[1].raw_bytes)
+                     if k != "passthrough"]
+        if stored_by:  # which codec stored what: the precision policy's derivative codes, a transform's fallback
+            lines.append("\nBy codec: " + ", ".join(
+                f"{k} {m.raw_bytes / MiB:.2f} -> {m.stored_bytes / MiB:.2f} MiB" for k, m in stored_by))
         if self.passthrough_bytes:
             reasons = ", ".join(f"{k} {v / MiB:.2f}" for k, v in sorted(self._reasons.items(), key=lambda kv: -kv[1]))
-            lines.append(f"\nLeft as it is: {self.passthrough_bytes / MiB:.2f} MiB "
+            lines.append(f"Left as it is: {self.passthrough_bytes / MiB:.2f} MiB "
                          f"({self.passthrough_bytes / max(self.raw_bytes, 1):.1%} of raw): {reasons} MiB")
         return "\n".join(lines)
 
