@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=50.0)
     p.add_argument("--fft-size", default="minimal")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", help="append the lines, with the command and the machine, to this markdown file")
     args = p.parse_args()
     if args.method:
         print(json.dumps(_timing(args) if args.method == "timing" else _one(args)))
@@ -116,13 +117,21 @@ def main() -> None:
                "--fft-size", args.fft_size, "--steps", str(args.steps)]
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     base, timing = rows[0], rows.pop()
+    lines = []
     for r in rows:
         r["step_s"] = timing[r["method"]]
-        print(f"{args.network} {r['method']:<9} fft_size={args.fft_size:<8} held {r['held_mib']:9.1f} MiB "
+        lines.append(f"{args.network} {r['method']:<9} fft_size={args.fft_size:<8} held {r['held_mib']:9.1f} MiB "
               f"({r['held_mib'] / base['held_mib']:.2f}x)  step {r['step_s']:7.3f} s "
               f"({r['step_s'] / base['step_s']:.2f}x)"
               + (f"  estimate: spectra {r['estimate_held_mib_per_sample']:.1f} MiB/sample vs conv inputs "
                  f"{r['estimate_conv_mib_per_sample']:.1f} MiB/sample" if "estimate_held_mib_per_sample" in r else ""))
+    print("\n".join(lines))
+    if args.out:
+        from lightning_memcomp.bench.machine import machine_summary
+
+        command = " ".join(["MALLOC_MMAP_THRESHOLD_=65536 python benchmarks/bandlimit_defaults.py", *sys.argv[1:]])
+        with open(args.out, "a") as f:
+            f.write(f"\n`{command}`\n\nMachine: {machine_summary(load=True)}.\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":
