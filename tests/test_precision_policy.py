@@ -156,6 +156,7 @@ def test_codes_decode_to_the_nearest_level(which, bits, shape, scale, dtype):
     # the decoded value's derivative is the level nearest to the true derivative (to the dtype's rounding of the
     # representative), so never further from it than the nearest level is
     tol = {torch.float32: 1e-5, torch.float64: 1e-9, torch.bfloat16: 2e-2}[dtype]
+    tol += 2 * codec.table.lut_error  # smooth derivatives are coded through a lookup over a fine grid of saved values
     assert torch.all((got - true).abs().reshape(-1) <= (nearest - true.reshape(-1)).abs() + tol)
 
 

@@ -134,6 +134,13 @@ class DerivativeTable:
     thresholds: Tensor  # (k-1,) float64: midpoints between levels
     representatives: Tensor  # (k,) float64: a saved value whose derivative (PyTorch's formula) is the level
     grad_of: Callable[[Tensor], Tensor]
+    #: for derivatives without jumps: the code of every saved value on a fine grid (``lut[round((s - lut_lo) /
+    #: lut_step)]``, saved values clamped to the grid), so coding is a lookup instead of ``grad_of`` and a search
+    lut: Tensor | None = None
+    lut_lo: float = 0.0
+    lut_step: float = 1.0
+    #: how much further from its level a derivative may be through the lookup's rounding of the saved value
+    lut_error: float = 0.0
 
     @property
     def max_error(self) -> float:
@@ -142,6 +149,10 @@ class DerivativeTable:
 
 
 _TABLES: dict[tuple[str, tuple[Any, ...], int], DerivativeTable] = {}
+#: activations whose derivative has no jump (coded through a lookup table); the others (Hardswish, Hardsigmoid,
+#: LeakyReLU, in-place ELU's output test) go through the exact derivative and a search
+_CONTINUOUS = frozenset({"silu", "gelu", "mish", "softplus", "elu", "sigmoid", "tanh"})
+_LUT_SIZE = 1 << 16
 
 
 def _lloyd(values: Tensor, weights: Tensor, k: int) -> Tensor:
@@ -215,7 +226,18 @@ def derivative_table(name: str, params: tuple[Any, ...] = (), bits: int = 4) -> 
     grads = act.grad_of(act.saved_of(grid))
     levels = _lloyd(grads, weights, 1 << bits)
     reps = _representatives(act, grid, grads, levels)
-    table = DerivativeTable(name, levels, (levels[1:] + levels[:-1]) / 2, reps, act.grad_of)
+    thresholds = (levels[1:] + levels[:-1]) / 2
+    lut, lo, step, lut_error = None, 0.0, 1.0, 0.0
+    if name in _CONTINUOUS and len(levels) > 2:
+        ends = act.saved_of(torch.tensor([-12.0, 12.0], dtype=torch.float64))
+        lo, hi = float(ends.min()), float(ends.max())
+        points = torch.linspace(lo, hi, _LUT_SIZE + 1, dtype=torch.float64)
+        step = (hi - lo) / _LUT_SIZE
+        lut = torch.bucketize(act.grad_of(points), thresholds).to(torch.uint8)
+        # a saved value within half a step of a grid point: its derivative moves by at most this
+        fine = torch.linspace(lo, hi, 8 * _LUT_SIZE + 1, dtype=torch.float64)
+        lut_error = float((act.grad_of(fine) - act.grad_of(points[torch.round((fine - lo) / step).long()])).abs().max())
+    table = DerivativeTable(name, levels, thresholds, reps, act.grad_of, lut, lo, step, lut_error)
     _TABLES[key] = table
     return table
 
@@ -295,6 +317,14 @@ class DerivativeCodec(Codec):
                                       self.table.representatives.to(device=device, dtype=dtype))
         return tables
 
+    def _lut(self, device: torch.device) -> Tensor | None:
+        if self.table.lut is None:
+            return None
+        key = (device, torch.uint8)
+        if key not in self._on:
+            self._on[key] = (self.table.lut.to(device), self.table.lut)
+        return self._on[key][0]
+
     def accepts(self, tensor: Tensor, ctx: SaveContext) -> bool:
         return tensor.is_floating_point() and tensor.dim() >= 1
 
@@ -303,11 +333,20 @@ class DerivativeCodec(Codec):
         per = 8 // self.bits
         out = torch.empty(-(-flat.numel() // per), dtype=torch.uint8, device=tensor.device)
         thresholds, _ = self._tables(tensor.device, tensor.dtype)
+        lut = self._lut(tensor.device)
+        table = self.table
         finite = torch.ones((), dtype=torch.bool, device=tensor.device)
         for start in range(0, flat.numel(), _CHUNK):
-            grads = self.table.grad_of(flat[start:start + _CHUNK].float())
-            finite &= torch.isfinite(grads).all()
-            codes = torch.bucketize(grads, thresholds).to(torch.uint8)
+            piece = flat[start:start + _CHUNK].float()
+            if lut is not None:
+                finite &= torch.isfinite(piece).all()
+                index = piece.sub(table.lut_lo).mul_(1 / table.lut_step).round_().clamp_(0, len(lut) - 1)
+                index.nan_to_num_(0.0)  # the tensor is declined below; the lookup must not fail first
+                codes = lut.index_select(0, index.to(torch.int32))
+            else:
+                grads = table.grad_of(piece)
+                finite &= torch.isfinite(grads).all()
+                codes = torch.bucketize(grads, thresholds).to(torch.uint8)
             if codes.numel() % per:
                 codes = torch.cat([codes, codes.new_zeros(per - codes.numel() % per)])
             packed = pack_bits(codes, self.bits)
