@@ -422,7 +422,8 @@ def engine_round_trip(key: str, ratio: float | None, x: Tensor, relu: bool) -> t
     leaf = x.detach().clone().requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # wavelet: levels clipped for small maps
-        with compress_activations(model, codec=name, modules=lambda m, n: True, min_bytes=0,
+        # the codec itself, not the precision policy's quant fallback for inaccurate transform payloads
+        with compress_activations(model, codec=name, modules=lambda m, n: True, min_bytes=0, policy="off",
                                   **options_for(key, ratio)) as ledger:
             y = model(leaf)
         y.backward(torch.ones_like(y))

@@ -153,6 +153,7 @@ def test_lightning_cli_yaml_configures_the_strategy(tmp_path):
 
 
 DDP_SCRIPT = """
+import os
 import sys
 import torch
 import lightning.pytorch as pl
@@ -170,6 +171,9 @@ first = trainer(root, 1)
 first.fit(TinyNet(), _loader(), _loader(16))
 first.save_checkpoint(root + "/ddp.ckpt")
 steps = first.global_step
+# the first fit's store may still hold its port while the second binds (seen on a loaded machine): both ranks move
+# to the next port, the same on each
+os.environ["MASTER_PORT"] = str(int(os.environ["MASTER_PORT"]) + 1)
 second = trainer(root, 2)
 second.fit(TinyNet(), _loader(), _loader(16), ckpt_path=root + "/ddp.ckpt")
 ledger = second.strategy.memcomp_ledger
