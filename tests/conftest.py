@@ -113,8 +113,12 @@ def run_ddp_script(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run a DDP script in a fresh interpreter (``subprocess.run`` with its output captured as text), once more
     if Lightning's free port was taken by another DDP test starting at the same moment (CI runs two test files
     at once; Lightning picks the port, then binds it later): that race is the only failure tried again."""
+    # an in-process DDP test that ran earlier in this pytest worker left MASTER_PORT (and its store, still bound to
+    # that port) in this process's environment: a child must pick its own
+    env = {k: v for k, v in kwargs.pop("env", os.environ).items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     for _ in range(3):
-        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False, **kwargs)
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False, env=env, **kwargs)
         if "EADDRINUSE" not in done.stderr:
             break
     return done
